@@ -1,0 +1,298 @@
+r"""Functional core of (preconditioned) Langevin sampling.
+
+Everything here is a small pure function over named states, in the manner of
+BlackJAX's ``mala.py``: :func:`init` builds a :class:`LangevinState`,
+:func:`step` advances it by one Langevin step and returns a
+:class:`LangevinInfo`. The kernel for ``pyro.infer.MCMC`` and ``fit`` both run
+on these functions.
+
+Positions are dicts ``{site: tensor}`` in unconstrained space. Every tensor may
+carry ``batch_ndim`` leading *chain* dimensions: many independent chains (for
+example one per data point) advance in one vectorised step. The potential
+``U(z) = -log p(x, z)`` then has shape ``batch_shape`` (one energy per chain).
+
+One step with diagonal preconditioner ``P`` (DESIGN.md §2)::
+
+    z' = z - η P ⊙ ∇U(z) + sqrt(2 η P) ⊙ ξ,      ξ ~ N(0, I)
+
+Unadjusted (ULA) this is Euler–Maruyama for the Langevin diffusion whose
+stationary law is ``exp(-U)``, up to an O(η) bias. Adjusted (MALA) the proposal
+is accepted with probability
+
+    α = min(1, exp(U(z) - U(z') + log q(z | z') - log q(z' | z))),
+    log q(z' | z) = -‖z' - z + η P ∇U(z)‖²_{P⁻¹} / (4η) + const,
+
+which makes ``exp(-U)`` exactly invariant when ``P`` is held fixed.
+
+Preconditioners (``kind``):
+
+* ``None`` – ``P = 1``.
+* ``"diagonal"`` (default) – ``P = 1 / (sqrt(v̂) + λ)`` from one running
+  second-moment estimate ``v`` of the gradient per latent coordinate, averaged
+  over chains; :func:`step` never changes it, so it is constant within a chain.
+  The caller refreshes it with :func:`accumulate` and :func:`refresh` (during
+  warm-up, or between mini-batches).
+* ``"rmsprop"`` – the paper's form: per-chain, per-coordinate statistics
+  updated at every step, ``v_k = β2 v_{k-1} + (1-β2) g_k²``,
+  ``v̂_k = v_k / (1 - β2^k)``.
+* ``"adam"`` – as ``"rmsprop"``, with the bias-corrected first moment ``m̂_k``
+  (β1) replacing the gradient in the drift. ULA only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, NamedTuple, Optional
+
+import torch
+
+Position = Dict[str, torch.Tensor]
+PotentialAndGrad = Callable[[Position], "tuple[torch.Tensor, Position]"]
+
+PRECONDITIONERS = (None, "diagonal", "rmsprop", "adam")
+#: Defaults for the preconditioner constants (β1, β2, λ); see docs for how they were chosen.
+BETA1, BETA2, EPSILON = 0.9, 0.99, 1e-5
+
+
+class Preconditioner(NamedTuple):
+    """Statistics of a diagonal preconditioner.
+
+    ``second_moment`` holds ``v`` (per coordinate for ``"diagonal"``; per chain
+    and coordinate for ``"rmsprop"``/``"adam"``), ``first_moment`` holds ``m``
+    (``"adam"`` only), ``count`` the number of updates folded into them (for
+    bias correction) and ``scale`` the ``P`` that :func:`step` applies.
+    """
+
+    kind: Optional[str]
+    second_moment: Position
+    first_moment: Position
+    count: int
+    scale: Position
+    beta1: float = BETA1
+    beta2: float = BETA2
+    epsilon: float = EPSILON
+
+
+class LangevinState(NamedTuple):
+    """Where a batch of chains is: position, its potential and gradient, the preconditioner."""
+
+    position: Position
+    potential: torch.Tensor
+    grad: Position
+    precond: Preconditioner
+    num_steps: int
+
+
+class LangevinInfo(NamedTuple):
+    """What one step did, per chain.
+
+    ``accept_prob`` is the MALA acceptance probability of the proposal (computed
+    for ULA too, as a diagnostic and for step-size adaptation; for ``"adam"``
+    the forward density uses the momentum drift actually taken); ``accepted`` is
+    whether the chain moved; ``diverged`` whether the proposal's potential or
+    gradient was non-finite. ``proposal_potential`` is ``U`` at the proposal.
+    """
+
+    accept_prob: torch.Tensor
+    accepted: torch.Tensor
+    diverged: torch.Tensor
+    proposal_potential: torch.Tensor
+
+
+def check_precondition(kind: Optional[str], adjust: bool = False) -> None:
+    """Raise a ``ValueError`` naming the problem for an invalid preconditioner choice."""
+    if kind not in PRECONDITIONERS:
+        raise ValueError(
+            f"Unknown preconditioner {kind!r}; choose one of {list(PRECONDITIONERS)}."
+        )
+    if adjust and kind == "adam":
+        raise ValueError(
+            "precondition='adam' cannot be Metropolis-adjusted (adjust=True): its drift "
+            "uses a momentum term, so the proposal has no tractable density. Use "
+            "'diagonal' or 'rmsprop' with adjust=True, or adjust=False with 'adam'."
+        )
+
+
+def check_step_size(step_size) -> float:
+    """Return ``step_size`` as a float, or raise if it is not a finite positive number."""
+    try:
+        value = float(step_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"step_size must be a positive number, got {step_size!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"step_size must be finite and positive, got {step_size!r}.")
+    return value
+
+
+def value_and_grad(potential_fn: Callable[[Position], torch.Tensor]) -> PotentialAndGrad:
+    """Wrap ``U(z)`` (per-chain energies) as ``z -> (U(z), ∇z U(z))``.
+
+    Only the gradient with respect to the positions is computed; no graph is
+    kept afterwards. Chains are independent, so ``∇ sum_c U_c`` gives each
+    chain's own gradient.
+    """
+
+    def fn(position: Position):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in position.items()}
+        with torch.enable_grad():
+            energy = potential_fn(leaves)
+            grads = torch.autograd.grad(energy.sum(), list(leaves.values()))
+        return energy.detach(), dict(zip(leaves, grads))
+
+    return fn
+
+
+def _chain_dims(x: torch.Tensor, batch_ndim: int):
+    return tuple(range(batch_ndim, x.dim()))
+
+
+def init_preconditioner(
+    kind: Optional[str],
+    position: Position,
+    batch_ndim: int = 0,
+    *,
+    beta1: float = BETA1,
+    beta2: float = BETA2,
+    epsilon: float = EPSILON,
+) -> Preconditioner:
+    """Fresh statistics (``v = 0``, ``P = 1``) shaped for ``position``."""
+    check_precondition(kind)
+    if kind == "diagonal":
+        second = {k: torch.zeros_like(v[(0,) * batch_ndim]) for k, v in position.items()}
+    elif kind in ("rmsprop", "adam"):
+        second = {k: torch.zeros_like(v) for k, v in position.items()}
+    else:
+        second = {}
+    first = {k: torch.zeros_like(v) for k, v in position.items()} if kind == "adam" else {}
+    scale = {k: torch.ones_like(v) for k, v in second.items()}
+    return Preconditioner(kind, second, first, 0, scale, beta1, beta2, epsilon)
+
+
+def accumulate(precond: Preconditioner, grad: Position, batch_ndim: int = 0) -> Preconditioner:
+    """Fold one gradient into the running moments (``P`` itself is unchanged).
+
+    ``"diagonal"`` averages ``g²`` over the chain dimensions first, so all chains
+    share one estimate per coordinate; the per-chain kinds keep one per chain.
+    """
+    if precond.kind is None:
+        return precond
+    b1, b2 = precond.beta1, precond.beta2
+    second, first = {}, {}
+    for name, g in grad.items():
+        g2 = g.square()
+        if precond.kind == "diagonal" and batch_ndim:
+            g2 = g2.mean(dim=tuple(range(batch_ndim)))
+        second[name] = precond.second_moment[name].mul(b2).add_(g2, alpha=1 - b2)
+        if precond.kind == "adam":
+            first[name] = precond.first_moment[name].mul(b1).add_(g, alpha=1 - b1)
+    return precond._replace(second_moment=second, first_moment=first, count=precond.count + 1)
+
+
+def refresh(precond: Preconditioner) -> Preconditioner:
+    """Set ``P = 1 / (sqrt(v / (1 - β2^n)) + λ)`` from the current statistics."""
+    if precond.kind is None or precond.count == 0:
+        return precond
+    correction = 1.0 - precond.beta2**precond.count
+    scale = {
+        k: (v / correction).sqrt_().add_(precond.epsilon).reciprocal_()
+        for k, v in precond.second_moment.items()
+    }
+    return precond._replace(scale=scale)
+
+
+def _drift_direction(precond: Preconditioner, grad: Position) -> Position:
+    """The vector multiplied by ``P`` in the drift: ``g``, or ``m̂`` for ``"adam"``."""
+    if precond.kind != "adam":
+        return grad
+    correction = 1.0 - precond.beta1**precond.count
+    return {k: m / correction for k, m in precond.first_moment.items()}
+
+
+def _scale_of(precond: Preconditioner, name: str, like: torch.Tensor) -> torch.Tensor:
+    return precond.scale[name] if precond.kind is not None else torch.ones_like(like)
+
+
+def _log_proposal(
+    to: Position, frm: Position, grad_frm: Position, precond, step_size: float, batch_ndim: int
+) -> torch.Tensor:
+    """``log q(to | frm)`` up to a constant that cancels (``P`` is the same both ways)."""
+    total = 0.0
+    for name, x in to.items():
+        scale = _scale_of(precond, name, x)
+        diff = x - frm[name] + step_size * scale * grad_frm[name]
+        term = diff.square().div(scale)
+        total = total + term.sum(dim=_chain_dims(term, batch_ndim))
+    return -total / (4.0 * step_size)
+
+
+def init(
+    position: Position,
+    potential_and_grad: PotentialAndGrad,
+    precondition: Optional[str] = "diagonal",
+    batch_ndim: int = 0,
+    precond: Optional[Preconditioner] = None,
+) -> LangevinState:
+    """Start chains at ``position``; reuse ``precond`` (e.g. a shared diagonal) if given."""
+    potential, grad = potential_and_grad(position)
+    if precond is None:
+        precond = init_preconditioner(precondition, position, batch_ndim)
+    return LangevinState(dict(position), potential, grad, precond, 0)
+
+
+def step(
+    state: LangevinState,
+    potential_and_grad: PotentialAndGrad,
+    step_size: float,
+    *,
+    adjust: bool = False,
+    batch_ndim: int = 0,
+) -> "tuple[LangevinState, LangevinInfo]":
+    """One Langevin step (ULA, or MALA when ``adjust``) from ``state``.
+
+    For the per-chain preconditioners the statistics are first updated with the
+    current gradient (``v_k`` from ``g_k``), then ``P_k`` is used for the move.
+    Non-finite proposals are reported in ``info.diverged``; under MALA they are
+    rejected, under ULA the caller decides (the chain would carry NaNs).
+    """
+    check_precondition(state.precond.kind, adjust)
+    precond = state.precond
+    if precond.kind in ("rmsprop", "adam"):
+        precond = refresh(accumulate(precond, state.grad, batch_ndim))
+    direction = _drift_direction(precond, state.grad)
+
+    proposal = {}
+    for name, z in state.position.items():
+        scale = _scale_of(precond, name, z)
+        noise = torch.randn_like(z)
+        proposal[name] = z - step_size * scale * direction[name] + (2.0 * step_size * scale).sqrt() * noise
+    new_potential, new_grad = potential_and_grad(proposal)
+
+    finite = torch.isfinite(new_potential)
+    for g in new_grad.values():
+        finite = finite & torch.isfinite(g).reshape(g.shape[:batch_ndim] + (-1,)).all(-1)
+    diverged = ~finite
+
+    log_ratio = (
+        state.potential
+        - new_potential
+        + _log_proposal(state.position, proposal, new_grad, precond, step_size, batch_ndim)
+        - _log_proposal(proposal, state.position, direction, precond, step_size, batch_ndim)
+    )
+    accept_prob = torch.where(diverged, -math.inf, log_ratio).clamp(max=0.0).exp()
+
+    if adjust:
+        accepted = torch.rand_like(accept_prob) < accept_prob
+        position = {k: _select(accepted, proposal[k], state.position[k], batch_ndim) for k in proposal}
+        grad = {k: _select(accepted, new_grad[k], state.grad[k], batch_ndim) for k in new_grad}
+        potential = torch.where(accepted, new_potential, state.potential)
+    else:
+        accepted = torch.ones_like(accept_prob, dtype=torch.bool)
+        position, grad, potential = proposal, new_grad, new_potential
+
+    new_state = LangevinState(position, potential, grad, precond, state.num_steps + 1)
+    return new_state, LangevinInfo(accept_prob, accepted, diverged, new_potential)
+
+
+def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch_ndim: int) -> torch.Tensor:
+    """``where(mask, a, b)`` with ``mask`` of the chain shape broadcast over event dims."""
+    mask = mask.reshape(mask.shape + (1,) * (a.dim() - batch_ndim))
+    return torch.where(mask, a, b)
