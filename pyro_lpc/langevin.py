@@ -123,22 +123,23 @@ def check_step_size(step_size) -> float:
     return value
 
 
-def value_and_grad(potential_fn: Callable[[Position], torch.Tensor]) -> PotentialAndGrad:
+class value_and_grad:
     """Wrap ``U(z)`` (per-chain energies) as ``z -> (U(z), ∇z U(z))``.
 
     Only the gradient with respect to the positions is computed; no graph is
     kept afterwards. Chains are independent, so ``∇ sum_c U_c`` gives each
-    chain's own gradient.
+    chain's own gradient. A class rather than a closure so that it pickles.
     """
 
-    def fn(position: Position):
+    def __init__(self, potential_fn: Callable[[Position], torch.Tensor]):
+        self.potential_fn = potential_fn
+
+    def __call__(self, position: Position):
         leaves = {k: v.detach().requires_grad_(True) for k, v in position.items()}
         with torch.enable_grad():
-            energy = potential_fn(leaves)
+            energy = self.potential_fn(leaves)
             grads = torch.autograd.grad(energy.sum(), list(leaves.values()))
         return energy.detach(), dict(zip(leaves, grads))
-
-    return fn
 
 
 def _chain_dims(x: torch.Tensor, batch_ndim: int):

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
 
 Position = Dict[str, torch.Tensor]
@@ -41,16 +42,28 @@ def model_potential(
 
     Raises ``ValueError`` when the model has no continuous latent site.
     """
-    kwargs = {} if init_strategy is None else {"init_strategy": init_strategy}
-    params, potential_fn, transforms, trace = initialize_model(
-        model,
-        model_args,
-        model_kwargs or {},
-        transforms=transforms,
-        max_plate_nesting=max_plate_nesting,
-        initial_params=initial_params,
-        **kwargs,
-    )
+    init_strategy = init_strategy or init_to_uniform
+    try:
+        params, potential_fn, transforms, trace = initialize_model(
+            model,
+            model_args,
+            model_kwargs or {},
+            transforms=transforms,
+            max_plate_nesting=max_plate_nesting,
+            initial_params=initial_params,
+            init_strategy=init_strategy,
+        )
+    except ValueError as error:
+        if "cannot find valid initial params" not in str(error):
+            raise
+        with pyro.validation_enabled(False), torch.no_grad():
+            trace = poutine.trace(InitMessenger(init_strategy)(model)).get_trace(
+                *model_args, **(model_kwargs or {})
+            )
+        raise ValueError(
+            "The potential energy is not finite at any initial point tried (100 draws of "
+            f"the init strategy); non-finite log-density at site(s) {_nonfinite_in(trace)}."
+        ) from error
     if not params:
         observed = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
         raise ValueError(
@@ -83,19 +96,22 @@ def nonfinite_sites(model, model_args, model_kwargs, params: Position, transform
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
             *model_args, **(model_kwargs or {})
         )
-        bad = []
+    bad = _nonfinite_in(trace)
+    return bad + [k for k, u in params.items() if not torch.isfinite(u).all() and k not in bad]
+
+
+def _nonfinite_in(trace: poutine.Trace) -> List[str]:
+    """Sample sites of ``trace`` whose value or log-density is not finite."""
+    bad = []
+    with pyro.validation_enabled(False), torch.no_grad():
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
                 continue
-            value = site["value"]
+            value = torch.as_tensor(site["value"])
             try:
-                log_prob = site["fn"].log_prob(value)
+                finite = torch.isfinite(site["fn"].log_prob(value)).all()
             except (ValueError, RuntimeError):
+                finite = False
+            if not (finite and torch.isfinite(value).all()):
                 bad.append(name)
-                continue
-            if not (torch.isfinite(torch.as_tensor(value)).all() and torch.isfinite(log_prob).all()):
-                bad.append(name)
-    for name, u in params.items():
-        if not torch.isfinite(u).all() and name not in bad:
-            bad.append(name)
     return bad

@@ -1,0 +1,312 @@
+"""PCLangevin inside pyro.infer.MCMC against closed-form posteriors.
+
+Tolerances: a posterior mean is checked to 5 Monte Carlo standard errors,
+``5 * sd / sqrt(ESS)``, with ESS estimated from the chain itself
+(:func:`pyro.ops.stats.effective_sample_size`); a posterior variance to
+``5 * var * sqrt(2 / ESS)``. Seeds are fixed.
+"""
+import math
+import pickle
+
+import arviz
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import MCMC
+from pyro.ops.stats import effective_sample_size
+
+from pyro_lpc import PCLangevin
+
+
+def run(kernel, *args, num_samples=2000, warmup_steps=1000, num_chains=1, seed=0, **kwargs):
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=warmup_steps,
+        num_chains=num_chains,
+        disable_progbar=True,
+        **kwargs,
+    )
+    mcmc.run(*args)
+    return mcmc
+
+
+def assert_moments(samples, mean, var, num_se=5.0):
+    """``samples``: (num_samples, d) from one chain; compare to exact mean and variance."""
+    samples = samples.reshape(samples.shape[0], -1)
+    ess = effective_sample_size(samples.unsqueeze(0), chain_dim=0, sample_dim=1)
+    mean, var = torch.as_tensor(mean).reshape(-1), torch.as_tensor(var).reshape(-1)
+    mean_err = (samples.mean(0) - mean).abs()
+    var_err = (samples.var(0) - var).abs()
+    assert torch.all(mean_err < num_se * (var / ess).sqrt()), (samples.mean(0), mean, ess)
+    assert torch.all(var_err < num_se * var * (2.0 / ess).sqrt()), (samples.var(0), var, ess)
+
+
+# -- a conjugate Gaussian chain -------------------------------------------------
+T = 4
+
+
+def gaussian_chain(y):
+    loc = torch.tensor(0.0)
+    for i in range(T):
+        loc = pyro.sample(f"loc_{i}", dist.Normal(loc, 1.0))
+    pyro.sample("obs", dist.Normal(loc, 1.0), obs=y)
+
+
+def gaussian_chain_posterior(y):
+    """Exact posterior of (loc_0..loc_{T-1}): a Gaussian with tridiagonal precision."""
+    precision = torch.zeros(T, T)
+    for i in range(T):
+        precision[i, i] += 1.0  # its own conditional p(loc_i | loc_{i-1})
+        if i > 0:
+            precision[i - 1, i - 1] += 1.0
+            precision[i - 1, i] -= 1.0
+            precision[i, i - 1] -= 1.0
+    precision[T - 1, T - 1] += 1.0  # the observation
+    b = torch.zeros(T)
+    b[T - 1] = y
+    cov = torch.linalg.inv(precision)
+    return cov @ b, cov
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precondition", ["diagonal", None])
+def test_mala_gaussian_chain_matches_exact_posterior(precondition):
+    y = torch.tensor(2.5)
+    mcmc = run(PCLangevin(gaussian_chain, adjust=True, precondition=precondition), y,
+               num_samples=4000)
+    samples = torch.stack([mcmc.get_samples()[f"loc_{i}"] for i in range(T)], -1)
+    mean, cov = gaussian_chain_posterior(y)
+    assert_moments(samples, mean, cov.diagonal())
+    # the precision (inverse covariance) too: posterior correlations are strong here
+    emp_precision = torch.linalg.inv(torch.cov(samples.T))
+    assert torch.allclose(emp_precision, torch.linalg.inv(cov), atol=0.35)
+
+
+def beta_bernoulli(x):
+    p = pyro.sample("p", dist.Beta(2.0, 3.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Bernoulli(p), obs=x)
+
+
+def gamma_poisson(x):
+    rate = pyro.sample("rate", dist.Gamma(3.0, 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Poisson(rate), obs=x)
+
+
+@pytest.mark.slow
+def test_mala_beta_bernoulli_constrained_latent():
+    x = torch.tensor([1.0] * 7 + [0.0] * 13)
+    mcmc = run(PCLangevin(beta_bernoulli, adjust=True), x)
+    exact = dist.Beta(2.0 + 7, 3.0 + 13)
+    samples = mcmc.get_samples()["p"]
+    assert ((samples > 0) & (samples < 1)).all()
+    assert_moments(samples.unsqueeze(-1), exact.mean, exact.variance)
+
+
+@pytest.mark.slow
+def test_mala_gamma_poisson_constrained_latent():
+    x = torch.tensor([2.0, 5.0, 3.0, 4.0, 1.0, 6.0, 3.0, 2.0])
+    mcmc = run(PCLangevin(gamma_poisson, adjust=True), x)
+    exact = dist.Gamma(3.0 + x.sum(), 1.0 + len(x))
+    assert_moments(mcmc.get_samples()["rate"].unsqueeze(-1), exact.mean, exact.variance)
+
+
+# -- preconditioning on an ill-scaled Gaussian ----------------------------------
+SCALES = torch.logspace(-3, 3, 7)
+
+
+def ill_scaled_potential(params):
+    return 0.5 * (params["z"] / SCALES).square().sum()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adjust", [False, True])
+def test_preconditioning_is_stable_where_the_plain_sampler_is_not(adjust):
+    # Stability of plain Langevin needs η < 2 σ_min² = 2e-6. With the diagonal
+    # P ≈ σ it needs η P / σ² = η / σ_min < 2, i.e. η < 2e-3; η = 5e-4 is used.
+    step = 5e-4
+    init = {"z": 0.5 * SCALES}
+
+    def kernel(precondition):
+        return PCLangevin(potential_fn=ill_scaled_potential, step_size=step, adjust=adjust,
+                          precondition=precondition, adapt_step_size=False)
+
+    if adjust:
+        plain = run(kernel(None), initial_params=init, num_samples=500, warmup_steps=500)
+        # proposals are so far out that essentially none is accepted
+        assert plain.diagnostics()["acceptance rate"]["chain 0"] < 0.01
+    else:
+        with pytest.raises(RuntimeError, match="diverged at sampling step"):
+            run(kernel(None), initial_params=init, num_samples=500, warmup_steps=500)
+
+    mcmc = run(kernel("diagonal"), initial_params=init, num_samples=3000, warmup_steps=1000)
+    z = mcmc.get_samples()["z"]
+    assert torch.isfinite(z).all()
+    if adjust:
+        assert mcmc.diagnostics()["acceptance rate"]["chain 0"] > 0.3
+    # the three smallest scales (1e-3..1e-1) mix: their spread is right within 25%
+    ratio = z.std(0)[:3] / SCALES[:3]
+    assert torch.all((ratio > 0.75) & (ratio < 1.25)), ratio
+
+
+# -- MCMC contract, ArviZ, multiprocessing ----------------------------------------
+def normal_mean(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(5.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+
+DATA = torch.tensor([2.1, 3.3, 2.8, 1.9, 3.6, 2.4, 3.0, 2.2, 2.7, 3.1])
+
+
+@pytest.mark.slow
+def test_four_sequential_chains_converge_for_arviz(monkeypatch):
+    import pyro.infer.mcmc.api as api
+
+    monkeypatch.setattr(api.mp, "cpu_count", lambda: 1)  # sequential chains, one kernel
+    kernel = PCLangevin(normal_mean, adjust=True)
+    with pytest.warns(UserWarning, match="sequentially"):
+        mcmc = run(kernel, DATA, num_samples=1500, warmup_steps=500, num_chains=4)
+    idata = arviz.from_pyro(mcmc)
+    rhat = arviz.rhat(idata)
+    assert float(rhat["mu"]) < 1.01 and float(rhat["sigma"]) < 1.01
+    assert idata.sample_stats["diverging"].shape == (4, 1500)
+    # the kernel is reused across sequential chains but keeps model and transforms
+    assert kernel.model is normal_mean and "sigma" in kernel.transforms
+    assert set(mcmc.diagnostics()["step size"]) == {f"chain {i}" for i in range(4)}
+
+
+@pytest.mark.slow
+def test_chains_run_in_worker_processes(monkeypatch):
+    # Pyro runs chains in processes when there are more CPUs than chains; pretend there are.
+    import pyro.infer.mcmc.api as api
+
+    monkeypatch.setattr(api.mp, "cpu_count", lambda: 8)
+    kernel = PCLangevin(normal_mean, adjust=True)
+    mcmc = run(kernel, DATA, num_samples=300, warmup_steps=200, num_chains=2, mp_context="spawn")
+    assert isinstance(mcmc.sampler, api._MultiSampler)
+    samples = mcmc.get_samples(group_by_chain=True)
+    assert samples["mu"].shape == (2, 300)
+    assert abs(samples["mu"].mean() - DATA.mean()) < 0.5
+    assert (samples["sigma"] > 0).all()
+
+
+def test_kernel_pickles_before_and_after_setup():
+    kernel = PCLangevin(normal_mean, adjust=True)
+    pickle.loads(pickle.dumps(kernel))
+    kernel.setup(10, DATA)
+    params = kernel.sample(kernel.initial_params)
+    clone = pickle.loads(pickle.dumps(kernel))
+    assert set(clone.sample(params)) == {"mu", "sigma"}
+
+
+def test_same_seed_same_chain():
+    a = run(PCLangevin(normal_mean), DATA, num_samples=50, warmup_steps=50).get_samples()
+    b = run(PCLangevin(normal_mean), DATA, num_samples=50, warmup_steps=50).get_samples()
+    assert torch.equal(a["mu"], b["mu"])
+
+
+def test_init_guide_sets_the_chain_start():
+    def guide(y):
+        pyro.sample("mu", dist.Normal(7.0, 1e-3))
+
+    kernel = PCLangevin(normal_mean, init=guide)
+    kernel.setup(0, DATA)
+    assert abs(kernel.initial_params["mu"].item() - 7.0) < 0.01
+    assert "sigma" in kernel.initial_params  # left to the init strategy
+
+
+def test_diagnostics_report_divergences_acceptance_and_step_size():
+    mcmc = run(PCLangevin(normal_mean, adjust=True), DATA, num_samples=100, warmup_steps=100)
+    diag = mcmc.diagnostics()
+    assert diag["divergences"] == {"chain 0": []}
+    assert 0.0 < diag["acceptance rate"]["chain 0"] <= 1.0
+    assert diag["step size"]["chain 0"] > 0.0
+
+
+def test_mala_rejects_and_counts_divergences():
+    # a log barrier: the energy is NaN outside (-1, 1), where large steps land
+    def potential(params):
+        return -torch.log1p(-params["z"].square()).sum()
+
+    kernel = PCLangevin(potential_fn=potential, step_size=0.3, adjust=True, adapt_step_size=False,
+                        precondition=None)
+    mcmc = run(kernel, initial_params={"z": torch.tensor([0.1])}, num_samples=3000,
+               warmup_steps=0)
+    divergences = mcmc.diagnostics()["divergences"]["chain 0"]
+    assert len(divergences) > 0
+    assert torch.isfinite(mcmc.get_samples()["z"]).all()
+
+
+# -- errors that name the problem -------------------------------------------------
+@pytest.mark.parametrize("step_size", [0.0, -0.1, math.nan, math.inf])
+def test_bad_step_size(step_size):
+    with pytest.raises(ValueError, match="step_size must be finite and positive"):
+        PCLangevin(normal_mean, step_size=step_size)
+
+
+def test_unknown_preconditioner():
+    with pytest.raises(ValueError, match="Unknown preconditioner 'ada'"):
+        PCLangevin(normal_mean, precondition="ada")
+
+
+def test_mala_with_adam():
+    with pytest.raises(ValueError, match="'adam' cannot be Metropolis-adjusted"):
+        PCLangevin(normal_mean, precondition="adam", adjust=True)
+
+
+def test_model_without_continuous_latents():
+    def observed_only(y):
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="no continuous latent sample site.*'y'"):
+        PCLangevin(observed_only).setup(10, DATA)
+
+
+def test_nonfinite_potential_at_init_names_the_site():
+    def broken(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.sample("bad_obs", dist.Normal(mu, 1.0), obs=torch.tensor(math.inf))
+
+    with pytest.raises(ValueError, match="not finite at any initial point.*'bad_obs'"):
+        PCLangevin(broken).setup(10, DATA)
+
+
+def test_ula_divergence_names_the_step():
+    def quartic(params):
+        return params["z"].pow(4).sum()
+
+    kernel = PCLangevin(potential_fn=quartic, step_size=0.5, adapt_step_size=False,
+                        precondition=None)
+    with pytest.raises(RuntimeError, match="diverged at sampling step [0-9]+"):
+        run(kernel, initial_params={"z": torch.tensor([3.0])}, num_samples=100, warmup_steps=0)
+
+
+def test_nonfinite_potential_at_given_initial_params_names_the_site():
+    def model():
+        pyro.sample("scale", dist.HalfNormal(1.0))
+        pyro.sample("loc", dist.Normal(0.0, 1.0))
+
+    kernel = PCLangevin(model)
+    kernel.initial_params = {"scale": torch.tensor(math.nan), "loc": torch.tensor(0.0)}
+    with pytest.raises(ValueError, match=r"initial point.*\['scale'\]"):
+        kernel.setup(10)
+
+
+def test_init_guide_with_an_unknown_site():
+    def guide(y):
+        pyro.sample("nu", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"\['nu'\].*not latent sites.*'mu'"):
+        PCLangevin(normal_mean, init=guide).setup(10, DATA)
+
+
+def test_potential_fn_without_initial_params():
+    with pytest.raises(ValueError, match="initial_params"):
+        PCLangevin(potential_fn=ill_scaled_potential).setup(10)
