@@ -239,6 +239,25 @@ def init(
     return LangevinState(dict(position), potential, grad, precond, 0)
 
 
+def propose(state: LangevinState, step_size: float, batch_ndim: int = 0):
+    """The Langevin proposal ``z - η P ⊙ d + sqrt(2ηP) ⊙ ξ`` from ``state``.
+
+    Returns ``(precond, direction, proposal)``: the preconditioner used (the
+    per-chain kinds first fold in the current gradient), the drift direction
+    ``d`` (the gradient, or ``m̂`` for ``"adam"``) and the proposed position.
+    """
+    precond = state.precond
+    if precond.kind in ("rmsprop", "adam"):
+        precond = refresh(accumulate(precond, state.grad, batch_ndim))
+    direction = _drift_direction(precond, state.grad)
+    proposal = {}
+    for name, z in state.position.items():
+        scale = _scale_of(precond, name, z)
+        noise = torch.randn_like(z)
+        proposal[name] = z - step_size * scale * direction[name] + (2.0 * step_size * scale).sqrt() * noise
+    return precond, direction, proposal
+
+
 def step(
     state: LangevinState,
     potential_and_grad: PotentialAndGrad,
@@ -255,16 +274,7 @@ def step(
     rejected, under ULA the caller decides (the chain would carry NaNs).
     """
     check_precondition(state.precond.kind, adjust)
-    precond = state.precond
-    if precond.kind in ("rmsprop", "adam"):
-        precond = refresh(accumulate(precond, state.grad, batch_ndim))
-    direction = _drift_direction(precond, state.grad)
-
-    proposal = {}
-    for name, z in state.position.items():
-        scale = _scale_of(precond, name, z)
-        noise = torch.randn_like(z)
-        proposal[name] = z - step_size * scale * direction[name] + (2.0 * step_size * scale).sqrt() * noise
+    precond, direction, proposal = propose(state, step_size, batch_ndim)
     new_potential, new_grad = potential_and_grad(proposal)
 
     finite = torch.isfinite(new_potential)

@@ -14,6 +14,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
+from pyro.distributions.util import sum_rightmost as _sum_rightmost
+from pyro.distributions.transforms import biject_to
 from pyro.infer.mcmc.util import initialize_model
 
 Position = Dict[str, torch.Tensor]
@@ -62,7 +64,7 @@ def model_potential(
             )
         raise ValueError(
             "The potential energy is not finite at any initial point tried (100 draws of "
-            f"the init strategy); non-finite log-density at site(s) {_nonfinite_in(trace)}."
+            f"the init strategy); non-finite log-density at site(s) {nonfinite_in_trace(trace)}."
         ) from error
     if not params:
         observed = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
@@ -96,11 +98,11 @@ def nonfinite_sites(model, model_args, model_kwargs, params: Position, transform
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
             *model_args, **(model_kwargs or {})
         )
-    bad = _nonfinite_in(trace)
+    bad = nonfinite_in_trace(trace)
     return bad + [k for k, u in params.items() if not torch.isfinite(u).all() and k not in bad]
 
 
-def _nonfinite_in(trace: poutine.Trace) -> List[str]:
+def nonfinite_in_trace(trace: poutine.Trace) -> List[str]:
     """Sample sites of ``trace`` whose value or log-density is not finite."""
     bad = []
     with pyro.validation_enabled(False), torch.no_grad():
@@ -115,3 +117,176 @@ def _nonfinite_in(trace: poutine.Trace) -> List[str]:
             if not (finite and torch.isfinite(value).all()):
                 bad.append(name)
     return bad
+
+
+# -- energies of one mini-batch, for the learning loop ---------------------------------
+def _is_subsample(site) -> bool:
+    return site["type"] == "sample" and type(site["fn"]).__name__ == "_Subsample"
+
+
+def latent_sites(trace: poutine.Trace) -> List[str]:
+    """Names of the unobserved sample sites of ``trace`` (plate subsample sites excluded)."""
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not _is_subsample(site)
+    ]
+
+
+def site_log_prob(site, value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Masked, *unscaled* log-density of a trace site at ``value`` (default: its own)."""
+    log_p = site["fn"].log_prob(site["value"] if value is None else value)
+    return log_p if site["mask"] is None else torch.where(site["mask"], log_p, 0.0)
+
+
+def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
+    """A trace holding only the plate subsample sites of ``trace``, for replay.
+
+    Replaying it makes every evaluation in one iteration see the same
+    mini-batch indices of a ``pyro.plate(..., subsample_size=B)``.
+    """
+    replay = poutine.Trace()
+    for name, site in trace.nodes.items():
+        if _is_subsample(site):
+            replay.add_node(name, **site)
+    return replay
+
+
+def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
+    """The plate that indexes data points: the one named ``name``, or else the
+    plate shared by every observed site (the subsampled one, or the outermost,
+    if several are shared). ``None`` when the observed sites share no plate."""
+    frames = {}
+    shared = None
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or _is_subsample(site):
+            continue
+        stack = {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
+        frames.update(stack)
+        if site["is_observed"]:
+            shared = set(stack) if shared is None else shared & set(stack)
+    if name is not None:
+        if name not in frames:
+            raise ValueError(f"data_plate={name!r} is not a plate of the model (plates: {sorted(frames)}).")
+        return frames[name]
+    if not shared:
+        return None
+    subsampled = [n for n in shared if n in trace.nodes and _is_subsample(trace.nodes[n])]
+    return frames[subsampled[0]] if subsampled else frames[min(shared, key=lambda n: frames[n].dim)]
+
+
+def _per_point(value: torch.Tensor, plate_dim: int) -> torch.Tensor:
+    """Sum a log-density (batch shape) over every dim except the data plate's: shape (B,) or (1,)."""
+    value = value.reshape((1,) * max(0, -plate_dim - value.dim()) + value.shape)
+    return value.movedim(plate_dim, 0).reshape(value.shape[plate_dim], -1).sum(-1)
+
+
+class ModelEnergy:
+    r"""The energy of a Pyro model on one mini-batch, as plain functions of its latents.
+
+    Latents are split by the data plate: *local* sites (inside it, one chain per
+    data point) and *global* sites (outside it, one shared chain). Positions are
+    unconstrained; local positions carry the data-point (chain) dimension first.
+
+    * :meth:`local_energy` — per data point ``i``,
+      ``U_i = -Σ_s log p(s_i | ...) - log|J_i|`` over the sites inside the data
+      plate, **without** the plate's N/B subsampling scale: the posterior of a
+      data point's latents involves only its own prior and likelihood.
+    * :meth:`global_energy` — ``-log p(x, z) - log|J|`` **with** Pyro's scales
+      (a stochastic-gradient estimate of the full-data energy).
+    * :meth:`log_joint` — scaled ``log p_θ(x, z)`` with gradients to θ.
+    """
+
+    def __init__(self, model, args, kwargs, prototype: poutine.Trace, data_plate=None):
+        self.model, self.args, self.kwargs = model, args, kwargs or {}
+        self.replay = subsample_trace(prototype)
+        self.plate = find_data_plate(prototype, data_plate)
+        self.transforms, self.event_dims, self.chain_axis = {}, {}, {}
+        self.local, self.globals = [], []
+        for name in latent_sites(prototype):
+            site = prototype.nodes[name]
+            if site["fn"].support.is_discrete:
+                raise ValueError(
+                    f"Latent site '{name}' is discrete ({type(site['fn']).__name__}); Langevin "
+                    "dynamics needs continuous latents. Marginalise it out or make it observed."
+                )
+            self.transforms[name] = biject_to(site["fn"].support)
+            self.event_dims[name] = site["fn"].event_dim
+            frames = [f.name for f in site["cond_indep_stack"]]
+            if self.plate is not None and self.plate.name in frames:
+                self.local.append(name)
+                self.chain_axis[name] = site["value"].dim() - site["fn"].event_dim + self.plate.dim
+            else:
+                self.globals.append(name)
+
+    # conversions between chain-first unconstrained positions and site values
+    def unconstrain(self, values: Position) -> Position:
+        out = {}
+        for name, value in values.items():
+            u = self.transforms[name](value)
+            out[name] = u.movedim(self.chain_axis[name], 0) if name in self.chain_axis else u
+        return out
+
+    def constrain(self, position: Position) -> "tuple[Position, Position]":
+        """Site values and each site's log|det J| (batch shape) for chain-first ``position``."""
+        values, ladj = {}, {}
+        for name, u in position.items():
+            if name in self.chain_axis:
+                u = u.movedim(0, self.chain_axis[name])
+            t = self.transforms[name]
+            z = t(u)
+            values[name] = z
+            ladj[name] = _sum_rightmost(t.log_abs_det_jacobian(u, z), self.event_dims[name] - t.codomain.event_dim)
+        return values, ladj
+
+    def trace(self, values: Position) -> poutine.Trace:
+        model = poutine.condition(poutine.replay(self.model, trace=self.replay), data=values)
+        return poutine.trace(model).get_trace(*self.args, **self.kwargs)
+
+    def _local_terms(self, trace: poutine.Trace, ladj: Position) -> torch.Tensor:
+        """``-Σ log p - log|J|`` per data point over the sites inside the data plate, unscaled."""
+        total = 0.0
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or _is_subsample(site):
+                continue
+            if self.plate.name in [f.name for f in site["cond_indep_stack"]]:
+                total = total + _per_point(site_log_prob(site), self.plate.dim)
+        for name in self.local:
+            total = total + _per_point(ladj[name], self.plate.dim)
+        return -total
+
+    def local_energy(self, global_values: Position):
+        """``local position -> U_i`` per data point, with the global latents fixed."""
+
+        def energy(position):
+            values, ladj = self.constrain(position)
+            return self._local_terms(self.trace({**global_values, **values}), ladj)
+
+        return energy
+
+    def joint_value_and_grad(self, local: Position, global_: Position):
+        """One model evaluation giving ``(U_i, ∇_local)`` (unscaled, per data point) and
+        ``(U, ∇_global)`` (scaled, scalar) at the unconstrained ``local``, ``global_``."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in {**local, **global_}.items()}
+        with torch.enable_grad():
+            values, ladj = self.constrain(leaves)
+            trace = self.trace(values)
+            u_global = -(trace.log_prob_sum() + sum(ladj[k].sum() for k in global_))
+            g_global = torch.autograd.grad(u_global, [leaves[k] for k in global_], retain_graph=bool(local))
+            out_local = (None, {})
+            if local:
+                u_local = self._local_terms(trace, ladj)
+                g_local = torch.autograd.grad(u_local.sum(), [leaves[k] for k in local])
+                out_local = (u_local.detach(), dict(zip(local, g_local)))
+        return out_local, (u_global.detach(), dict(zip(global_, g_global)))
+
+    def log_joint(self, values: Position) -> "tuple[torch.Tensor, poutine.Trace]":
+        """Scaled ``log p_θ(x, z)`` at constrained ``values`` (gradients flow to θ) and its trace."""
+        trace = self.trace(values)
+        return trace.log_prob_sum(), trace
+
+    def num_data(self) -> int:
+        """N: the data plate's full size (before subsampling); 1 without a data plate."""
+        if self.plate is None:
+            return 1
+        return self.plate.full_size or self.plate.size

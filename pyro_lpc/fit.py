@@ -1,0 +1,570 @@
+r"""``fit``: learn a Pyro model's parameters with Langevin Predictive Coding.
+
+For each mini-batch ``x`` (DESIGN.md §2):
+
+1. start chains at ``z_0 ~ q_φ(z | x)`` (or the prior, encoder-free);
+2. take ``K`` preconditioned Langevin steps on ``U_θ(z) = -log p_θ(x, z)``;
+3. step θ on ``-mean_k log p_θ(x, z_k)`` over the kept samples (z detached);
+4. step φ on the warm-start objective (:mod:`pyro_lpc.warm_start`).
+
+**Local and global latents.** Latent sites inside the data plate are *local*:
+each data point gets its own chain, started afresh every mini-batch, and its
+drift uses the *unscaled* per-point energy (its own prior and likelihood only —
+Pyro's N/B subsampling scale is right for θ, wrong for a data point's
+posterior). Sites outside it are *global*: one persistent chain carried across
+mini-batches, driven by the *scaled* mini-batch energy (stochastic-gradient
+Langevin). Global chains are never Metropolis-adjusted (a mini-batch energy
+admits no exact test), so ``adjust=True`` requires all latents to be local. The
+data plate is the plate shared by all observed sites (the subsampled one if
+several are), or the one named by ``data_plate``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+import warnings
+from typing import Dict, List, Optional, Union
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch.distributions import transform_to
+from tqdm.auto import tqdm
+
+from . import langevin
+from .potential import ModelEnergy, latent_sites, nonfinite_in_trace, subsample_trace
+from .warm_start import WarmStart
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteError(RuntimeError):
+    """Training hit a non-finite log-joint or gradient; ``result`` holds what was done so far."""
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+class FitResult:
+    """What ``fit`` did: ``history`` holds one dict per iteration with ``epoch``,
+    ``iteration``, ``log_joint`` (mean over kept samples of the scaled
+    mini-batch ``log p(x, z)`` divided by the number of data points N, i.e. an
+    estimate of the full-data log-joint per data point), ``guide_loss``, ``accept_rate`` (MALA only), ``step_size``,
+    ``num_steps`` and ``time`` (seconds since the start, resumed runs included)."""
+
+    def __init__(self, history: List[dict], sampler_state: dict):
+        self.history = history
+        self.sampler_state = sampler_state
+
+    def __getitem__(self, key: str) -> List[float]:
+        """One history column, e.g. ``result["log_joint"]``."""
+        return [row[key] for row in self.history]
+
+    def __repr__(self):
+        last = self.history[-1] if self.history else {}
+        return f"FitResult({len(self.history)} iterations, last={last})"
+
+
+def _check_keep(keep, num_steps):
+    if keep in ("all", "last"):
+        return keep
+    if isinstance(keep, int) and not isinstance(keep, bool) and 0 <= keep < num_steps:
+        return keep
+    raise ValueError(
+        f"keep must be 'all', 'last' or an integer burn-in in [0, num_steps={num_steps}), got {keep!r}."
+    )
+
+
+def _kept(keep, k: int, num_steps: int) -> bool:
+    """Whether the sample after step ``k`` (1-based) feeds the θ gradient."""
+    if keep == "all":
+        return True
+    if keep == "last":
+        return k == num_steps
+    return k > keep
+
+
+def _batches(data, batch_size):
+    """Mini-batches of ``data`` for one epoch, as ``(args, kwargs)``."""
+    if torch.is_tensor(data):
+        if batch_size is None:
+            raise ValueError("data is a tensor: give batch_size to split it into mini-batches.")
+        order = torch.randperm(data.shape[0], device=data.device)
+        for idx in order.split(batch_size):
+            yield (data[idx],), {}
+        return
+    for batch in data:
+        if isinstance(batch, dict):
+            yield (), batch
+        elif isinstance(batch, (tuple, list)):
+            yield tuple(batch), {}
+        else:
+            yield (batch,), {}
+
+
+def _shapes(args, kwargs):
+    describe = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
+    return [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
+
+
+def _param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
+    return {
+        name: site["value"].unconstrained()
+        for name, site in trace.nodes.items()
+        if site["type"] == "param"
+    }
+
+
+def _rng_state():
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_atomic(obj, path: str):
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _Learner:
+    """The state ``fit`` carries across mini-batches, and one iteration of the algorithm."""
+
+    def __init__(self, model, warm, num_steps, step_size, precondition, adjust, keep, optim,
+                 guide_optim, data_plate):
+        self.model, self.warm = model, warm
+        self.num_steps, self.step_size = num_steps, step_size
+        self.precondition, self.adjust, self.keep = precondition, adjust, keep
+        self.optim, self.guide_optim = optim, guide_optim
+        self.data_plate = data_plate
+        # carried across mini-batches (and saved in checkpoints)
+        self.local_precond = None  # shared diagonal statistics of the local chains
+        self.global_precond = None
+        self.global_position = None  # persistent global chain (unconstrained)
+        self.global_values = {}  # ... and its constrained values
+
+    # -- sampler state for checkpoints ---------------------------------------------------
+    def state_dict(self):
+        return {
+            "local_precond": self.local_precond,
+            "global_precond": self.global_precond,
+            "global_position": self.global_position,
+            "global_values": self.global_values,
+        }
+
+    def load_state_dict(self, state):
+        self.local_precond = state["local_precond"]
+        self.global_precond = state["global_precond"]
+        self.global_position = state["global_position"]
+        self.global_values = state["global_values"]
+
+    # -- one iteration ------------------------------------------------------------------
+    def chain_start(self, args, kwargs, iteration):
+        """Draw chain starts; returns (guide trace or None, ModelEnergy, start values)."""
+        try:
+            if self.warm is not None:
+                guide_trace = self.warm.draw(args, kwargs)
+                replay = subsample_trace(guide_trace)
+                start = {n: guide_trace.nodes[n]["value"].detach() for n in latent_sites(guide_trace)}
+            else:
+                guide_trace = None
+                with torch.no_grad():
+                    prior = poutine.trace(self.model).get_trace(*args, **kwargs)
+                replay = subsample_trace(prior)
+                start = {n: prior.nodes[n]["value"] for n in latent_sites(prior)}
+            if self.global_position is not None:
+                start.update(self.global_values)
+            for name, value in start.items():  # replay (not condition): latents stay latent
+                replay.add_node(name, type="sample", is_observed=False, value=value, infer={})
+            with torch.no_grad():
+                prototype = poutine.trace(poutine.replay(self.model, trace=replay)).get_trace(*args, **kwargs)
+        except Exception as error:
+            message = (
+                f"The model or guide failed on iteration {iteration} with a batch of shape(s) "
+                f"{_shapes(args, kwargs)}: {type(error).__name__}: {error}"
+            )
+            raise RuntimeError(message) from error
+        energy = ModelEnergy(self.model, args, kwargs, prototype, self.data_plate)
+        self._check_sites(energy, start, guide_trace)
+        if self.global_position is None and energy.globals:
+            self.global_position = energy.unconstrain({n: start[n] for n in energy.globals})
+            self.global_values = {n: start[n] for n in energy.globals}
+        return guide_trace, energy, start
+
+    def _check_sites(self, energy: ModelEnergy, start, guide_trace):
+        if self.adjust and energy.globals:
+            raise ValueError(
+                f"adjust=True needs every latent site to be local to the data plate, but "
+                f"{energy.globals} are global (outside plate "
+                f"{energy.plate.name if energy.plate else 'None'!r}); their persistent chains "
+                "use mini-batch energies, which admit no Metropolis test. Use adjust=False."
+            )
+        if guide_trace is None:
+            return
+        guide_sites = set(latent_sites(guide_trace))
+        unknown = sorted(guide_sites - set(energy.transforms))
+        if unknown:
+            raise ValueError(
+                f"The guide samples site(s) {unknown} that are not latent sites of the model "
+                f"(model latents: {sorted(energy.transforms)})."
+            )
+        missing = sorted(set(energy.local) - guide_sites)
+        if missing:
+            raise ValueError(
+                f"The guide does not sample the local latent site(s) {missing} of the model "
+                f"(inside plate '{energy.plate.name}'); the warm start needs a draw for every "
+                "local latent. Global latents may be left out."
+            )
+
+    def run_chains(self, energy: ModelEnergy, start):
+        """K Langevin steps; returns the kept samples (constrained, detached) and chain stats."""
+        local = energy.unconstrain({n: start[n] for n in energy.local})
+        if self.precondition == "diagonal":
+            if self.local_precond is None and local:
+                self.local_precond = langevin.init_preconditioner("diagonal", local, batch_ndim=1)
+            if self.global_precond is None and energy.globals:
+                self.global_precond = langevin.init_preconditioner("diagonal", self.global_position)
+            local_precond, global_precond = self.local_precond, self.global_precond
+        else:
+            local_precond = langevin.init_preconditioner(self.precondition, local, batch_ndim=1)
+            global_precond = self.global_precond or langevin.init_preconditioner(
+                self.precondition, self.global_position or {}
+            )
+        if energy.globals:
+            return self._joint_chains(energy, local, local_precond, global_precond)
+        vag = langevin.value_and_grad(energy.local_energy({}))
+        state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
+        kept, accept, diverged = [], [], []
+        for k in range(1, self.num_steps + 1):
+            state, info = langevin.step(state, vag, self.step_size, adjust=self.adjust, batch_ndim=1)
+            self._accumulate(state, "local")
+            accept.append(info.accept_prob.mean())
+            diverged.append(info.diverged.any())
+            if _kept(self.keep, k, self.num_steps):
+                kept.append(energy.constrain(state.position)[0])
+        self._refresh()
+        stats = {"accept": torch.stack(accept), "diverged": torch.stack(diverged)}
+        return kept, stats
+
+    def _joint_chains(self, energy, local, local_precond, global_precond):
+        """Unadjusted joint steps of local and global chains, one model evaluation each."""
+        (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(local, self.global_position)
+        local_state = langevin.LangevinState(local, u_l, g_l, local_precond, 0)
+        global_state = langevin.LangevinState(self.global_position, u_g, g_g, global_precond, 0)
+        kept, diverged = [], []
+        for k in range(1, self.num_steps + 1):
+            lp, _, l_prop = langevin.propose(local_state, self.step_size, batch_ndim=1)
+            gp, _, g_prop = langevin.propose(global_state, self.step_size)
+            (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(l_prop, g_prop)
+            local_state = langevin.LangevinState(l_prop, u_l, g_l, lp, k)
+            global_state = langevin.LangevinState(g_prop, u_g, g_g, gp, k)
+            self._accumulate(local_state, "local")
+            self._accumulate(global_state, "global")
+            diverged.append(~torch.isfinite(u_g))
+            if _kept(self.keep, k, self.num_steps):
+                kept.append(energy.constrain({**l_prop, **g_prop})[0])
+        self.global_position = global_state.position
+        self.global_values = energy.constrain(global_state.position)[0]
+        if self.precondition != "diagonal":
+            self.global_precond = global_state.precond
+        self._refresh()
+        return kept, {"accept": None, "diverged": torch.stack(diverged)}
+
+    def _accumulate(self, state, which):
+        """Fold the chain's gradients into the shared diagonal (P itself stays fixed)."""
+        if self.precondition != "diagonal" or not state.grad:
+            return
+        if which == "local":
+            self.local_precond = langevin.accumulate(self.local_precond, state.grad, batch_ndim=1)
+        else:
+            self.global_precond = langevin.accumulate(self.global_precond, state.grad)
+
+    def _refresh(self):
+        """End of a chain: the shared diagonal takes up the new statistics."""
+        if self.precondition == "diagonal":
+            if self.local_precond is not None:
+                self.local_precond = langevin.refresh(self.local_precond)
+            if self.global_precond is not None:
+                self.global_precond = langevin.refresh(self.global_precond)
+
+
+    def theta_gradients(self, energy: ModelEnergy, kept):
+        """Accumulate ``∇θ -mean_k log p_θ(x, z_k)`` one sample at a time (memory flat in K).
+
+        Returns ``(params, grads, mean log-joint, last trace)``.
+        """
+        params, grads, total, trace = None, None, 0.0, None
+        for values in kept:
+            log_p, trace = energy.log_joint(values)
+            if params is None:
+                params = _param_tensors(trace)
+                grads = [None] * len(params)
+            if params:
+                g = torch.autograd.grad(-log_p / len(kept), list(params.values()), allow_unused=True)
+                grads = [_add(a, b) for a, b in zip(grads, g)]
+            total = total + log_p.detach() / len(kept)
+        return params, grads, total, trace
+
+    def guide_gradients(self, energy: ModelEnergy, guide_trace, kept, args, kwargs, theta):
+        """Gradients of the warm-start objective with respect to φ (the guide's own params)."""
+        if self.warm is None:
+            return {}, [], None
+        def log_joint(values):
+            return energy.log_joint({**self.global_values, **values})[0]
+
+        loss = self.warm.loss(guide_trace, kept, args, kwargs, log_joint)
+        params = {k: v for k, v in _param_tensors(guide_trace).items() if k not in theta}
+        if not params:
+            return {}, [], loss.detach()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return params, grads, loss.detach()
+
+
+def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return b if a is None else (a if b is None else a + b)
+
+
+def _apply(optim, params: Dict[str, torch.Tensor], grads):
+    """One PyroOptim step on ``params`` with the given gradients."""
+    stepped = []
+    for p, g in zip(params.values(), grads):
+        if g is not None:
+            p.grad = g
+            stepped.append(p)
+    if stepped:
+        optim(stepped)
+    for p in stepped:
+        p.grad = None
+
+
+def _all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def fit(
+    model,
+    guide=None,
+    data=None,
+    *,
+    num_epochs: int = 1,
+    num_steps: int = 20,
+    step_size: float = 1e-2,
+    precondition: Optional[str] = "diagonal",
+    adjust: bool = False,
+    warm_start: str = "jeffreys",
+    keep: Union[str, int] = "all",
+    optim=None,
+    guide_optim=None,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    progress: bool = True,
+    checkpoint_dir: Optional[str] = None,
+    resume: bool = False,
+    data_plate: Optional[str] = None,
+) -> FitResult:
+    r"""Learn the parameters θ of a Pyro ``model`` by Langevin Predictive Coding.
+
+    Each mini-batch: chains start from ``guide`` draws (or the prior when
+    ``guide=None``), take ``num_steps`` Langevin steps
+    ``z' = z - η P ∇U + sqrt(2ηP) ξ`` on ``U = -log p_θ(x, z)``, then θ takes one
+    ``optim`` step on ``-mean_k log p_θ(x, z_k)`` over the kept samples and φ one
+    ``guide_optim`` step on the warm-start objective. See the module docstring
+    for how local and global latents and subsampled plates are treated.
+
+    :param model: a Pyro model; θ is every ``pyro.param``/``pyro.module`` it uses.
+    :param guide: an amortised guide (or a :class:`~pyro_lpc.WarmStart`); φ is
+        its parameters that are not also the model's. ``None``: encoder-free.
+    :param data: an iterable of batches (a tuple/list batch is passed as
+        ``model(*batch)``, a dict as ``model(**batch)``) or a tensor split into
+        shuffled mini-batches of ``batch_size`` each epoch.
+    :param int num_steps: Langevin steps K per mini-batch.
+    :param float step_size: Langevin step size η.
+    :param precondition: ``"diagonal"`` (shared by all chains, carried across
+        mini-batches, constant within a chain), ``"rmsprop"``/``"adam"`` (the
+        paper's per-chain forms) or ``None``.
+    :param bool adjust: Metropolis-adjust the local chains (MALA).
+    :param str warm_start: the guide's objective, ``"forward"``, ``"reverse"``
+        or ``"jeffreys"`` (ignored when ``guide`` is a ``WarmStart``).
+    :param keep: which samples feed θ: ``"all"``, ``"last"`` or an int burn-in.
+    :param optim: a ``pyro.optim`` optimiser for θ (default Adam, lr 1e-3).
+    :param guide_optim: the same for φ (default Adam, lr 1e-3).
+    :param int seed: seeds Pyro's RNGs before training.
+    :param str checkpoint_dir: save a checkpoint there after each epoch.
+    :param bool resume: continue from the checkpoint in ``checkpoint_dir``.
+    :param str data_plate: name of the plate over data points (default: inferred).
+    :returns: a :class:`FitResult` with the per-iteration history.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro_lpc import fit
+        >>> def model(x):
+        ...     w = pyro.param("w", torch.ones(2))
+        ...     with pyro.plate("data", x.shape[0]):
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        ...         pyro.sample("x", dist.Normal(z[:, None] * w, 0.5).to_event(1), obs=x)
+        >>> result = fit(model, None, torch.randn(64, 2), batch_size=32, num_steps=5,
+        ...              progress=False, seed=0)
+        >>> len(result.history)
+        2
+    """
+    num_steps = int(num_steps)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+    step_size = langevin.check_step_size(step_size)
+    langevin.check_precondition(precondition, adjust)
+    keep = _check_keep(keep, num_steps)
+    if data is None:
+        raise ValueError("fit needs data: an iterable of batches or a tensor with batch_size.")
+    if guide is not None and not isinstance(guide, WarmStart):
+        guide = WarmStart(guide, objective=warm_start)
+    optim = optim or pyro.optim.Adam({"lr": 1e-3})
+    guide_optim = guide_optim or pyro.optim.Adam({"lr": 1e-3})
+    for name, o in (("optim", optim), ("guide_optim", guide_optim)):
+        if not isinstance(o, pyro.optim.PyroOptim):
+            raise TypeError(f"{name} must be a pyro.optim optimiser (e.g. pyro.optim.Adam), got {type(o).__name__}.")
+    learner = _Learner(model, guide, num_steps, step_size, precondition, adjust, keep, optim,
+                       guide_optim, data_plate)
+    history: List[dict] = []
+    start_epoch, elapsed = 0, 0.0
+    path = os.path.join(checkpoint_dir, CHECKPOINT) if checkpoint_dir else None
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    if resume:
+        if path is None:
+            raise ValueError("resume=True needs checkpoint_dir.")
+        if os.path.exists(path):
+            start_epoch, elapsed = _restore(path, learner, optim, guide_optim, history, data, batch_size)
+        else:
+            warnings.warn(f"resume=True but no checkpoint at {path}; starting from scratch.")
+    if checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+
+    iteration = len(history)
+    clock = time.perf_counter() - elapsed
+    bar = tqdm(total=None, disable=not progress, desc="fit", unit="it")
+    for epoch in range(start_epoch, num_epochs):
+        for args, kwargs in _batches(data, batch_size):
+            row = _iterate(learner, args, kwargs, iteration, epoch, history)
+            row["time"] = time.perf_counter() - clock
+            history.append(row)
+            iteration += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, log_joint=f"{row['log_joint']:.3f}", refresh=False)
+        if path:
+            _save_atomic(
+                {
+                    "epoch": epoch + 1,
+                    "elapsed": time.perf_counter() - clock,
+                    "params": pyro.get_param_store().get_state(),
+                    "optim": optim.get_state(),
+                    "guide_optim": guide_optim.get_state(),
+                    "rng": _rng_state(),
+                    "history": history,
+                    "sampler": learner.state_dict(),
+                },
+                path,
+            )
+    bar.close()
+    return FitResult(history, learner.state_dict())
+
+
+def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict:
+    """One LPC iteration on a mini-batch; nothing is updated unless everything is finite."""
+    guide_trace, energy, start = learner.chain_start(args, kwargs, iteration)
+    with torch.no_grad():
+        kept, stats = learner.run_chains(energy, start)
+    params, grads, log_joint, trace = learner.theta_gradients(energy, kept)
+    g_params, g_grads, guide_loss = learner.guide_gradients(energy, guide_trace, kept, args, kwargs, params)
+    checks = [log_joint] + list(grads) + list(g_grads) + ([guide_loss] if guide_loss is not None else [])
+    if not _all_finite(checks):
+        _raise_nonfinite(learner, energy, trace, stats, iteration, history)
+    _apply(learner.optim, params, grads)
+    _apply(learner.guide_optim, g_params, g_grads)
+    row = {
+        "epoch": epoch,
+        "iteration": iteration,
+        "log_joint": log_joint.item() / energy.num_data(),
+        "guide_loss": None if guide_loss is None else guide_loss.item(),
+        "step_size": learner.step_size,
+        "num_steps": learner.num_steps,
+    }
+    if learner.adjust:
+        row["accept_rate"] = stats["accept"].mean().item()
+    return row
+
+
+def _raise_nonfinite(learner, energy, trace, stats, iteration, history):
+    """Stop with the iteration, the offending sites and the first divergent step."""
+    sites = nonfinite_in_trace(trace) if trace is not None else []
+    diverged = torch.nonzero(stats["diverged"]).flatten()
+    where = f"; the chain first diverged at Langevin step {int(diverged[0]) + 1}" if len(diverged) else ""
+    raise NonFiniteError(
+        f"Non-finite log-joint or gradient at iteration {iteration}: non-finite log-density at "
+        f"site(s) {sites or 'none found at the last sample'}{where}. The parameters were not "
+        f"updated and hold their last finite values; try a smaller step_size "
+        f"(now {learner.step_size:g}) or a smaller learning rate.",
+        FitResult(list(history), learner.state_dict()),
+    )
+
+
+def _restore(path, learner, optim, guide_optim, history, data, batch_size):
+    """Load a checkpoint written by ``fit``: parameters (copied in place, so modules
+    see them), optimiser and sampler states, history and RNG states."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        epoch, saved = checkpoint["epoch"], checkpoint["params"]["params"]
+    except Exception as error:
+        raise ValueError(
+            f"Cannot resume: the checkpoint {path} is corrupted or not a pyro-lpc checkpoint "
+            f"({type(error).__name__}: {error}). Nothing was changed; remove it to start afresh."
+        ) from error
+    # run model and guide once so that every pyro.module registers its parameters
+    args, kwargs = next(iter(_batches(data, batch_size)))
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(learner.warm).get_trace(*args, **kwargs) if learner.warm else None
+        replay = subsample_trace(guide_trace) if guide_trace is not None else None
+        model = learner.model if replay is None else poutine.replay(learner.model, trace=replay)
+        poutine.trace(model).get_trace(*args, **kwargs)
+    store = pyro.get_param_store()
+    current = dict(store.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            if name in current:
+                current[name].copy_(value.to(current[name].device))
+            else:
+                constraint = checkpoint["params"]["constraints"][name]
+                store.setdefault(name, transform_to(constraint)(value), constraint)
+    optim.set_state(checkpoint["optim"])
+    guide_optim.set_state(checkpoint["guide_optim"])
+    learner.load_state_dict(checkpoint["sampler"])
+    history.extend(checkpoint["history"])
+    _set_rng_state(checkpoint["rng"])
+    return epoch, checkpoint["elapsed"]
