@@ -204,6 +204,7 @@ class _Learner:
                 replay.add_node(name, type="sample", is_observed=False, value=value, infer={})
             with torch.no_grad():
                 prototype = poutine.trace(poutine.replay(self.model, trace=replay)).get_trace(*args, **kwargs)
+                prototype.compute_log_prob()  # surfaces shape errors between model and batch
         except Exception as error:
             message = (
                 f"The model or guide failed on iteration {iteration} with a batch of shape(s) "
