@@ -54,7 +54,9 @@ def test_conv_shapes(size, channels):
     dec = ConvDecoder(latent_dim=6, image_size=size, channels=channels)
     out = dec(torch.randn(2, 6) * 10)
     assert out.shape == (2, channels, size, size)
-    assert out.abs().max() <= 1  # tanh output
+    assert out.abs().max() <= 1 and isinstance(dec.deconv[-1], nn.Tanh)  # tanh output
+    logits = conv_model(image_size=size, channels=channels, latent_dim=6, likelihood="bernoulli").decoder
+    assert isinstance(logits.deconv[-1], nn.ConvTranspose2d)  # Bernoulli decoders output raw logits
     convs = [m for m in dec.deconv if isinstance(m, nn.ConvTranspose2d)]
     assert all(m.kernel_size == (4, 4) and m.stride == (2, 2) for m in convs)
     assert convs[0].in_channels == 256 and len(convs) == int(math.log2(size)) - 1

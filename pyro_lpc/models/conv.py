@@ -81,7 +81,8 @@ class ConvDecoder(nn.Module):
             layers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=0 if i == 0 else 1))
             if i < len(ins) - 1:
                 layers.append(nn.SiLU())
-        pass
+        if out_activation is not None:
+            layers.append(out_activation())
         self.deconv = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
