@@ -156,10 +156,11 @@ def _save_atomic(obj, path: str):
 class _Learner:
     """The state ``fit`` carries across mini-batches, and one iteration of the algorithm."""
 
-    def __init__(self, model, warm, num_steps, step_size, precondition, adjust, keep, optim,
-                 guide_optim, data_plate):
+    def __init__(self, model, warm, num_steps, step_size, global_step_size, precondition, adjust,
+                 keep, optim, guide_optim, data_plate):
         self.model, self.warm = model, warm
         self.num_steps, self.step_size = num_steps, step_size
+        self.global_step_size = global_step_size
         self.precondition, self.adjust, self.keep = precondition, adjust, keep
         self.optim, self.guide_optim = optim, guide_optim
         self.data_plate = data_plate
@@ -205,6 +206,8 @@ class _Learner:
             with torch.no_grad():
                 prototype = poutine.trace(poutine.replay(self.model, trace=replay)).get_trace(*args, **kwargs)
                 prototype.compute_log_prob()  # surfaces shape errors between model and batch
+            # latents the guide left out (globals on the first batch) start from the prior
+            start = {n: prototype.nodes[n]["value"].detach() for n in latent_sites(prototype)}
         except Exception as error:
             message = (
                 f"The model or guide failed on iteration {iteration} with a batch of shape(s) "
@@ -276,12 +279,14 @@ class _Learner:
     def _joint_chains(self, energy, local, local_precond, global_precond):
         """Unadjusted joint steps of local and global chains, one model evaluation each."""
         (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(local, self.global_position)
+        # a global posterior concentrates like 1/N: by default its step shrinks likewise
+        global_step = self.global_step_size or self.step_size / energy.num_data()
         local_state = langevin.LangevinState(local, u_l, g_l, local_precond, 0)
         global_state = langevin.LangevinState(self.global_position, u_g, g_g, global_precond, 0)
         kept, diverged = [], []
         for k in range(1, self.num_steps + 1):
             lp, _, l_prop = langevin.propose(local_state, self.step_size, batch_ndim=1)
-            gp, _, g_prop = langevin.propose(global_state, self.step_size)
+            gp, _, g_prop = langevin.propose(global_state, global_step)
             (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(l_prop, g_prop)
             local_state = langevin.LangevinState(l_prop, u_l, g_l, lp, k)
             global_state = langevin.LangevinState(g_prop, u_g, g_g, gp, k)
@@ -377,6 +382,7 @@ def fit(
     num_epochs: int = 1,
     num_steps: int = 20,
     step_size: float = 1e-2,
+    global_step_size: Optional[float] = None,
     precondition: Optional[str] = "diagonal",
     adjust: bool = False,
     warm_start: str = "jeffreys",
@@ -406,7 +412,10 @@ def fit(
         ``model(*batch)``, a dict as ``model(**batch)``) or a tensor split into
         shuffled mini-batches of ``batch_size`` each epoch.
     :param int num_steps: Langevin steps K per mini-batch.
-    :param float step_size: Langevin step size η.
+    :param float step_size: Langevin step size η of the local chains.
+    :param float global_step_size: step size of the global chain (default
+        ``step_size / N``, N the data plate's full size: a global posterior's
+        width shrinks like 1/sqrt(N), its curvature grows like N).
     :param precondition: ``"diagonal"`` (shared by all chains, carried across
         mini-batches, constant within a chain), ``"rmsprop"``/``"adam"`` (the
         paper's per-chain forms) or ``None``.
@@ -440,6 +449,8 @@ def fit(
     if num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
     step_size = langevin.check_step_size(step_size)
+    if global_step_size is not None:
+        global_step_size = langevin.check_step_size(global_step_size)
     langevin.check_precondition(precondition, adjust)
     keep = _check_keep(keep, num_steps)
     if data is None:
@@ -451,8 +462,8 @@ def fit(
     for name, o in (("optim", optim), ("guide_optim", guide_optim)):
         if not isinstance(o, pyro.optim.PyroOptim):
             raise TypeError(f"{name} must be a pyro.optim optimiser (e.g. pyro.optim.Adam), got {type(o).__name__}.")
-    learner = _Learner(model, guide, num_steps, step_size, precondition, adjust, keep, optim,
-                       guide_optim, data_plate)
+    learner = _Learner(model, guide, num_steps, step_size, global_step_size, precondition, adjust,
+                       keep, optim, guide_optim, data_plate)
     history: List[dict] = []
     start_epoch, elapsed = 0, 0.0
     path = os.path.join(checkpoint_dir, CHECKPOINT) if checkpoint_dir else None

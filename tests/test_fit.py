@@ -116,7 +116,7 @@ def posterior_kl(encoder, x):
     """Mean over data of KL(q(z|x) ‖ p(z|x)) against the analytic posterior."""
     loc, scale = encoder(x.unsqueeze(-1))
     exact = dist.Normal(A * x / (A**2 + S**2), math.sqrt(S**2 / (A**2 + S**2)))
-    return dist.kl_divergence(dist.Normal(loc.squeeze(-1), scale.squeeze(-1)), exact).mean().item()
+    return torch.distributions.kl_divergence(dist.Normal(loc.squeeze(-1), scale.squeeze(-1)), exact).mean().item()
 
 
 @pytest.mark.slow
