@@ -118,7 +118,7 @@ def _param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
     }
 
 
-def _rng_state():
+def save_rng():
     import numpy as np
 
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
@@ -127,7 +127,7 @@ def _rng_state():
     return state
 
 
-def _set_rng_state(state):
+def restore_rng(state):
     import numpy as np
 
     torch.set_rng_state(state["torch"])
@@ -246,8 +246,11 @@ class _Learner:
                 "local latent. Global latents may be left out."
             )
 
-    def run_chains(self, energy: ModelEnergy, start):
-        """K Langevin steps; returns the kept samples (constrained, detached) and chain stats."""
+    def run_chains(self, energy: ModelEnergy, start, keep=None):
+        """K Langevin steps; returns the kept samples (constrained, detached) and chain stats.
+
+        ``keep`` overrides the learner's choice (diagnostics record every step)."""
+        keep = self.keep if keep is None else keep
         local = energy.unconstrain({n: start[n] for n in energy.local})
         if self.precondition == "diagonal":
             if self.local_precond is None and local:
@@ -261,7 +264,7 @@ class _Learner:
                 self.precondition, self.global_position or {}
             )
         if energy.globals:
-            return self._joint_chains(energy, local, local_precond, global_precond)
+            return self._joint_chains(energy, local, local_precond, global_precond, keep)
         vag = langevin.value_and_grad(energy.local_energy({}))
         state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
         kept, accept, diverged = [], [], []
@@ -270,13 +273,13 @@ class _Learner:
             self._accumulate(state, "local")
             accept.append(info.accept_prob.mean())
             diverged.append(info.diverged.any())
-            if _kept(self.keep, k, self.num_steps):
+            if _kept(keep, k, self.num_steps):
                 kept.append(energy.constrain(state.position)[0])
         self._refresh()
         stats = {"accept": torch.stack(accept), "diverged": torch.stack(diverged)}
         return kept, stats
 
-    def _joint_chains(self, energy, local, local_precond, global_precond):
+    def _joint_chains(self, energy, local, local_precond, global_precond, keep):
         """Unadjusted joint steps of local and global chains, one model evaluation each."""
         (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(local, self.global_position)
         # a global posterior concentrates like 1/N: by default its step shrinks likewise
@@ -293,7 +296,7 @@ class _Learner:
             self._accumulate(local_state, "local")
             self._accumulate(global_state, "global")
             diverged.append(~torch.isfinite(u_g))
-            if _kept(self.keep, k, self.num_steps):
+            if _kept(keep, k, self.num_steps):
                 kept.append(energy.constrain({**l_prop, **g_prop})[0])
         self.global_position = global_state.position
         self.global_values = energy.constrain(global_state.position)[0]
@@ -395,6 +398,7 @@ def fit(
     checkpoint_dir: Optional[str] = None,
     resume: bool = False,
     data_plate: Optional[str] = None,
+    recorder=None,
 ) -> FitResult:
     r"""Learn the parameters θ of a Pyro ``model`` by Langevin Predictive Coding.
 
@@ -429,6 +433,8 @@ def fit(
     :param str checkpoint_dir: save a checkpoint there after each epoch.
     :param bool resume: continue from the checkpoint in ``checkpoint_dir``.
     :param str data_plate: name of the plate over data points (default: inferred).
+    :param recorder: a :class:`~pyro_lpc.diagnostics.ChainRecorder` that records
+        several chains of chosen data points after each epoch, for ArviZ.
     :returns: a :class:`FitResult` with the per-iteration history.
 
     Example::
@@ -490,6 +496,8 @@ def fit(
             iteration += 1
             bar.update(1)
             bar.set_postfix(epoch=epoch, log_joint=f"{row['log_joint']:.3f}", refresh=False)
+        if recorder is not None:
+            recorder.record(learner, epoch)
         if path:
             _save_atomic(
                 {
@@ -498,7 +506,7 @@ def fit(
                     "params": pyro.get_param_store().get_state(),
                     "optim": optim.get_state(),
                     "guide_optim": guide_optim.get_state(),
-                    "rng": _rng_state(),
+                    "rng": save_rng(),
                     "history": history,
                     "sampler": learner.state_dict(),
                 },
@@ -578,5 +586,5 @@ def _restore(path, learner, optim, guide_optim, history, data, batch_size):
     guide_optim.set_state(checkpoint["guide_optim"])
     learner.load_state_dict(checkpoint["sampler"])
     history.extend(checkpoint["history"])
-    _set_rng_state(checkpoint["rng"])
+    restore_rng(checkpoint["rng"])
     return epoch, checkpoint["elapsed"]
