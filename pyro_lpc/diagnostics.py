@@ -16,12 +16,13 @@ batch (``pyro.plate("data", x.shape[0])``).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Union
 
 import arviz
 import torch
+from pyro.infer import MCMC
 
-from .fit import restore_rng, save_rng
+from .checkpoint import restore_rng, save_rng
 
 
 class ChainRecorder:
@@ -90,7 +91,7 @@ class ChainRecorder:
         return idata
 
 
-def to_inference_data(source: Union["pyro.infer.MCMC", ChainRecorder], label: Optional[int] = None):
+def to_inference_data(source: Union["MCMC", ChainRecorder], label: Optional[int] = None):
     """ArviZ ``InferenceData`` of a ``pyro.infer.MCMC`` run (e.g. with ``PCLangevin``,
     through :func:`arviz.from_pyro`) or of a recorder's chains (the last epoch by default)."""
     if isinstance(source, ChainRecorder):

@@ -21,8 +21,6 @@ several are), or the one named by ``data_plate``.
 from __future__ import annotations
 
 import os
-import random
-import tempfile
 import time
 import warnings
 from typing import Dict, List, Optional, Union
@@ -30,14 +28,12 @@ from typing import Dict, List, Optional, Union
 import pyro
 import pyro.poutine as poutine
 import torch
-from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
 from . import langevin
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .potential import ModelEnergy, latent_sites, nonfinite_in_trace, subsample_trace
 from .warm_start import WarmStart
-
-CHECKPOINT = "checkpoint.pt"
 
 
 class NonFiniteError(RuntimeError):
@@ -116,41 +112,6 @@ def _param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
         for name, site in trace.nodes.items()
         if site["type"] == "param"
     }
-
-
-def save_rng():
-    import numpy as np
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state):
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_atomic(obj, path: str):
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class _Learner:
@@ -470,6 +431,7 @@ def fit(
             raise TypeError(f"{name} must be a pyro.optim optimiser (e.g. pyro.optim.Adam), got {type(o).__name__}.")
     learner = _Learner(model, guide, num_steps, step_size, global_step_size, precondition, adjust,
                        keep, optim, guide_optim, data_plate)
+    optims = {"optim": optim, "guide_optim": guide_optim}
     history: List[dict] = []
     start_epoch, elapsed = 0, 0.0
     path = os.path.join(checkpoint_dir, CHECKPOINT) if checkpoint_dir else None
@@ -479,11 +441,13 @@ def fit(
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir.")
         if os.path.exists(path):
-            start_epoch, elapsed = _restore(path, learner, optim, guide_optim, history, data, batch_size)
+            args, kwargs = next(iter(_batches(data, batch_size)))
+            checkpoint = load_checkpoint(path, model, guide, args, kwargs, optims)
+            learner.load_state_dict(checkpoint["sampler"])
+            history.extend(checkpoint["history"])
+            start_epoch, elapsed = checkpoint["epoch"], checkpoint["elapsed"]
         else:
             warnings.warn(f"resume=True but no checkpoint at {path}; starting from scratch.")
-    if checkpoint_dir:
-        os.makedirs(checkpoint_dir, exist_ok=True)
 
     iteration = len(history)
     clock = time.perf_counter() - elapsed
@@ -499,19 +463,8 @@ def fit(
         if recorder is not None:
             recorder.record(learner, epoch)
         if path:
-            _save_atomic(
-                {
-                    "epoch": epoch + 1,
-                    "elapsed": time.perf_counter() - clock,
-                    "params": pyro.get_param_store().get_state(),
-                    "optim": optim.get_state(),
-                    "guide_optim": guide_optim.get_state(),
-                    "rng": save_rng(),
-                    "history": history,
-                    "sampler": learner.state_dict(),
-                },
-                path,
-            )
+            save_checkpoint(path, epoch=epoch + 1, elapsed=time.perf_counter() - clock,
+                            optims=optims, history=history, sampler=learner.state_dict())
     bar.close()
     return FitResult(history, learner.state_dict())
 
@@ -555,36 +508,3 @@ def _raise_nonfinite(learner, energy, trace, stats, iteration, history):
     )
 
 
-def _restore(path, learner, optim, guide_optim, history, data, batch_size):
-    """Load a checkpoint written by ``fit``: parameters (copied in place, so modules
-    see them), optimiser and sampler states, history and RNG states."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        epoch, saved = checkpoint["epoch"], checkpoint["params"]["params"]
-    except Exception as error:
-        raise ValueError(
-            f"Cannot resume: the checkpoint {path} is corrupted or not a pyro-lpc checkpoint "
-            f"({type(error).__name__}: {error}). Nothing was changed; remove it to start afresh."
-        ) from error
-    # run model and guide once so that every pyro.module registers its parameters
-    args, kwargs = next(iter(_batches(data, batch_size)))
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(learner.warm).get_trace(*args, **kwargs) if learner.warm else None
-        replay = subsample_trace(guide_trace) if guide_trace is not None else None
-        model = learner.model if replay is None else poutine.replay(learner.model, trace=replay)
-        poutine.trace(model).get_trace(*args, **kwargs)
-    store = pyro.get_param_store()
-    current = dict(store.named_parameters())
-    with torch.no_grad():
-        for name, value in saved.items():
-            if name in current:
-                current[name].copy_(value.to(current[name].device))
-            else:
-                constraint = checkpoint["params"]["constraints"][name]
-                store.setdefault(name, transform_to(constraint)(value), constraint)
-    optim.set_state(checkpoint["optim"])
-    guide_optim.set_state(checkpoint["guide_optim"])
-    learner.load_state_dict(checkpoint["sampler"])
-    history.extend(checkpoint["history"])
-    restore_rng(checkpoint["rng"])
-    return epoch, checkpoint["elapsed"]

@@ -1,0 +1,107 @@
+"""Atomic training checkpoints: parameters, optimiser states, RNG states, history.
+
+A checkpoint is written to a temporary file in the same folder and renamed
+over the previous one, so a crash mid-write leaves the last checkpoint intact.
+Loading copies parameter values *in place* into the live param store (after
+running model and guide once so every ``pyro.module`` has registered its
+parameters), so the user's ``nn.Module`` objects see the restored values, and
+restores the RNG states last: the resumed run continues bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Dict
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch.distributions import transform_to
+
+from .potential import subsample_trace
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_rng() -> dict:
+    """The torch (CPU and CUDA), Python and NumPy random states."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, *, epoch: int, elapsed: float, optims: Dict[str, "pyro.optim.PyroOptim"],
+                    history: list, **extra) -> None:
+    """Write the param store, optimiser and RNG states, history and ``extra`` atomically."""
+    state = {
+        "epoch": epoch,
+        "elapsed": elapsed,
+        "params": pyro.get_param_store().get_state(),
+        "optims": {name: optim.get_state() for name, optim in optims.items()},
+        "rng": save_rng(),
+        "history": history,
+        **extra,
+    }
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_checkpoint(path: str) -> dict:
+    """Read a checkpoint, or raise a ``ValueError`` saying it is unreadable (nothing is changed)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint["epoch"], checkpoint["params"]["params"], checkpoint["optims"]
+    except Exception as error:
+        raise ValueError(
+            f"Cannot resume: the checkpoint {path} is corrupted or not a pyro-lpc checkpoint "
+            f"({type(error).__name__}: {error}). Nothing was changed; remove it to start afresh."
+        ) from error
+    return checkpoint
+
+
+def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "pyro.optim.PyroOptim"]) -> dict:
+    """Restore a checkpoint into the live param store, ``optims`` and the RNGs.
+
+    ``args``/``kwargs`` are one batch on which model and guide are run once to
+    register their parameters. Returns the checkpoint dict (epoch, history, ...).
+    """
+    checkpoint = read_checkpoint(path)
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
+        replay = subsample_trace(guide_trace) if guide_trace is not None else None
+        poutine.trace(model if replay is None else poutine.replay(model, trace=replay)).get_trace(*args, **kwargs)
+    store = pyro.get_param_store()
+    current = dict(store.named_parameters())
+    with torch.no_grad():
+        for name, value in checkpoint["params"]["params"].items():
+            if name in current:
+                current[name].copy_(value.to(current[name].device))
+            else:
+                constraint = checkpoint["params"]["constraints"][name]
+                store.setdefault(name, transform_to(constraint)(value), constraint)
+    for name, optim in optims.items():
+        optim.set_state(checkpoint["optims"][name])
+    restore_rng(checkpoint["rng"])
+    return checkpoint
