@@ -83,7 +83,7 @@ def _kept(keep, k: int, num_steps: int) -> bool:
     return k > keep
 
 
-def _batches(data, batch_size):
+def minibatches(data, batch_size):
     """Mini-batches of ``data`` for one epoch, as ``(args, kwargs)``."""
     if torch.is_tensor(data):
         if batch_size is None:
@@ -441,7 +441,7 @@ def fit(
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir.")
         if os.path.exists(path):
-            args, kwargs = next(iter(_batches(data, batch_size)))
+            args, kwargs = next(iter(minibatches(data, batch_size)))
             checkpoint = load_checkpoint(path, model, guide, args, kwargs, optims)
             learner.load_state_dict(checkpoint["sampler"])
             history.extend(checkpoint["history"])
@@ -453,7 +453,7 @@ def fit(
     clock = time.perf_counter() - elapsed
     bar = tqdm(total=None, disable=not progress, desc="fit", unit="it")
     for epoch in range(start_epoch, num_epochs):
-        for args, kwargs in _batches(data, batch_size):
+        for args, kwargs in minibatches(data, batch_size):
             row = _iterate(learner, args, kwargs, iteration, epoch, history)
             row["time"] = time.perf_counter() - clock
             history.append(row)
