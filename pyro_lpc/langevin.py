@@ -142,8 +142,9 @@ class value_and_grad:
         return energy.detach(), dict(zip(leaves, grads))
 
 
-def _chain_dims(x: torch.Tensor, batch_ndim: int):
-    return tuple(range(batch_ndim, x.dim()))
+def _sum_event(x: torch.Tensor, batch_ndim: int) -> torch.Tensor:
+    """Sum over all but the ``batch_ndim`` leading (chain) dims; shape ``x.shape[:batch_ndim]``."""
+    return x.reshape(x.shape[:batch_ndim] + (-1,)).sum(-1)
 
 
 def init_preconditioner(
@@ -221,7 +222,7 @@ def _log_proposal(
         scale = _scale_of(precond, name, x)
         diff = x - frm[name] + step_size * scale * grad_frm[name]
         term = diff.square().div(scale)
-        total = total + term.sum(dim=_chain_dims(term, batch_ndim))
+        total = total + _sum_event(term, batch_ndim)
     return -total / (4.0 * step_size)
 
 
@@ -279,7 +280,7 @@ def step(
 
     finite = torch.isfinite(new_potential)
     for g in new_grad.values():
-        finite = finite & torch.isfinite(g).reshape(g.shape[:batch_ndim] + (-1,)).all(-1)
+        finite = finite & (_sum_event(~torch.isfinite(g), batch_ndim) == 0)
     diverged = ~finite
 
     log_ratio = (

@@ -171,7 +171,7 @@ def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
         return frames[name]
     if not shared:
         return None
-    subsampled = [n for n in shared if n in trace.nodes and _is_subsample(trace.nodes[n])]
+    subsampled = [n for n in shared if frames[n].full_size not in (None, frames[n].size)]
     return frames[subsampled[0]] if subsampled else frames[min(shared, key=lambda n: frames[n].dim)]
 
 
@@ -210,7 +210,7 @@ class ModelEnergy:
                     f"Latent site '{name}' is discrete ({type(site['fn']).__name__}); Langevin "
                     "dynamics needs continuous latents. Marginalise it out or make it observed."
                 )
-            self.transforms[name] = biject_to(site["fn"].support)
+            self.transforms[name] = biject_to(site["fn"].support).inv  # Pyro's convention
             self.event_dims[name] = site["fn"].event_dim
             frames = [f.name for f in site["cond_indep_stack"]]
             if self.plate is not None and self.plate.name in frames:
@@ -221,11 +221,8 @@ class ModelEnergy:
 
     # conversions between chain-first unconstrained positions and site values
     def unconstrain(self, values: Position) -> Position:
-        out = {}
-        for name, value in values.items():
-            u = self.transforms[name](value)
-            out[name] = u.movedim(self.chain_axis[name], 0) if name in self.chain_axis else u
-        return out
+        out = unconstrain(values, self.transforms)
+        return {k: u.movedim(self.chain_axis[k], 0) if k in self.chain_axis else u for k, u in out.items()}
 
     def constrain(self, position: Position) -> "tuple[Position, Position]":
         """Site values and each site's log|det J| (batch shape) for chain-first ``position``."""
@@ -233,7 +230,7 @@ class ModelEnergy:
         for name, u in position.items():
             if name in self.chain_axis:
                 u = u.movedim(0, self.chain_axis[name])
-            t = self.transforms[name]
+            t = self.transforms[name].inv
             z = t(u)
             values[name] = z
             ladj[name] = _sum_rightmost(t.log_abs_det_jacobian(u, z), self.event_dims[name] - t.codomain.event_dim)

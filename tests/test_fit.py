@@ -8,6 +8,7 @@ are fixed; each tolerance says where it comes from.
 import math
 import os
 
+import arviz
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -212,6 +213,30 @@ def test_global_and_local_latents_in_a_subsampled_plate_learn_the_generating_val
     assert abs(tau - tau_true) < 0.15, tau
     # posterior sd of μ is ≈ sqrt((τ² + 0.25) / n) ≈ 0.035; the SGLD chain's last draw within 0.25
     assert abs(mu - x.mean().item()) < 0.25, mu
+
+
+# -- a constrained local latent ----------------------------------------------------------
+def gamma_poisson(x):
+    with pyro.plate("data", x.shape[0]):
+        rate = pyro.sample("rate", dist.Gamma(3.0, 2.0))
+        pyro.sample("x", dist.Poisson(rate), obs=x)
+
+
+@pytest.mark.slow
+def test_constrained_local_latents_are_sampled_in_unconstrained_space():
+    from pyro_lpc.diagnostics import ChainRecorder
+
+    x = torch.tensor([0.0, 2.0, 7.0, 15.0])
+    recorder = ChainRecorder(x, num_chains=4, num_steps=3000)
+    fit(gamma_poisson, None, x.repeat(25), batch_size=50, num_steps=10, step_size=0.1, adjust=True,
+        seed=0, progress=False, recorder=recorder)
+    draws = recorder.records[0].sel(draw=slice(500, None))
+    rate = torch.as_tensor(draws.posterior["rate"].values).flatten(0, 1)
+    assert (rate > 0).all()
+    exact = dist.Gamma(3.0 + x, 3.0)  # conjugate posterior per data point
+    ess = torch.as_tensor(arviz.ess(draws)["rate"].values)
+    # MALA is exact: means within 5 Monte Carlo standard errors (sd / sqrt(ESS))
+    assert torch.all((rate.mean(0) - exact.mean).abs() < 5 * exact.stddev / ess.sqrt())
 
 
 # -- modes and options ----------------------------------------------------------------

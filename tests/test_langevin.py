@@ -80,6 +80,23 @@ def test_mala_is_exact_at_a_large_step(precondition):
     assert 0.05 < accept.mean() < 1.0
 
 
+def test_mala_accepts_per_chain_when_chains_have_no_event_dims():
+    # latents of shape (chains,): each chain's acceptance must use only its own terms
+    torch.manual_seed(5)
+    n = 10000
+
+    def potential(position):
+        return 2.0 * position["z"].square()  # precision 4, one energy per chain
+
+    fn = langevin.value_and_grad(potential)
+    state = langevin.init({"z": torch.randn(n) / 2.0}, fn, None, batch_ndim=1)
+    for _ in range(300):
+        state, info = langevin.step(state, fn, 0.4, adjust=True, batch_ndim=1)
+    assert info.accept_prob.shape == (n,)
+    var = state.position["z"].var().item()
+    assert abs(var - 0.25) < variance_tolerance(0.25, n)
+
+
 def test_diagonal_preconditioner_is_shared_and_constant_within_a_chain():
     torch.manual_seed(3)
     precision = torch.tensor([1e4, 1.0, 1e-4])
