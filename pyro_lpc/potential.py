@@ -120,7 +120,7 @@ def nonfinite_in_trace(trace: poutine.Trace) -> List[str]:
 
 
 # -- energies of one mini-batch, for the learning loop ---------------------------------
-def _is_subsample(site) -> bool:
+def is_subsample(site) -> bool:
     return site["type"] == "sample" and type(site["fn"]).__name__ == "_Subsample"
 
 
@@ -129,7 +129,7 @@ def latent_sites(trace: poutine.Trace) -> List[str]:
     return [
         name
         for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not _is_subsample(site)
+        if site["type"] == "sample" and not site["is_observed"] and not is_subsample(site)
     ]
 
 
@@ -147,7 +147,7 @@ def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
     """
     replay = poutine.Trace()
     for name, site in trace.nodes.items():
-        if _is_subsample(site):
+        if is_subsample(site):
             replay.add_node(name, **site)
     return replay
 
@@ -159,7 +159,7 @@ def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
     frames = {}
     shared = None
     for site in trace.nodes.values():
-        if site["type"] != "sample" or _is_subsample(site):
+        if site["type"] != "sample" or is_subsample(site):
             continue
         stack = {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
         frames.update(stack)
@@ -244,7 +244,7 @@ class ModelEnergy:
         """``-Σ log p - log|J|`` per data point over the sites inside the data plate, unscaled."""
         total = 0.0
         for site in trace.nodes.values():
-            if site["type"] != "sample" or _is_subsample(site):
+            if site["type"] != "sample" or is_subsample(site):
                 continue
             if self.plate.name in [f.name for f in site["cond_indep_stack"]]:
                 total = total + _per_point(site_log_prob(site), self.plate.dim)

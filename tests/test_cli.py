@@ -1,0 +1,102 @@
+"""The ``pyro-lpc`` command end to end on the embedded digits, with tiny budgets."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyro_lpc.cli import main
+
+TINY = ["--epochs", "1", "--num-steps", "3", "--eval-samples", "10", "--quiet"]
+RUN_FILES = {"config.json", "checkpoint.pt", "history.jsonl", "metrics.json", "samples.png",
+             "reconstructions.png", "curves.png"}
+
+
+def history(run):
+    with open(os.path.join(run, "history.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def lpc_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("runs") / "lpc")
+    assert main(["train", "--out", run] + TINY) == 0
+    return run
+
+
+def test_train_writes_every_file(lpc_run, capsys):
+    assert RUN_FILES <= set(os.listdir(lpc_run))
+    with open(os.path.join(lpc_run, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["test_log_likelihood"] < 0
+    assert {"frechet_distance", "density", "coverage"} <= set(metrics)
+    rows = history(lpc_run)
+    assert len(rows) == 15 and {"log_joint", "guide_loss", "time"} <= set(rows[0])
+
+
+def test_evaluate_and_sample_work_on_a_run(lpc_run, capsys):
+    os.remove(os.path.join(lpc_run, "metrics.json"))
+    assert main(["evaluate", lpc_run, "--eval-samples", "5", "--quiet"]) == 0
+    assert os.path.exists(os.path.join(lpc_run, "metrics.json"))
+    out = os.path.join(lpc_run, "extra.png")
+    assert main(["sample", lpc_run, "-n", "16", "--output", out]) == 0
+    assert os.path.getsize(out) > 0
+    assert "wrote 16 samples" in capsys.readouterr().out
+
+
+def test_resume_continues_a_run(tmp_path):
+    run = str(tmp_path / "run")
+    assert main(["train", "--out", run] + TINY) == 0
+    assert main(["train", "--out", run, "--resume", "--epochs", "2", "--quiet"]) == 0
+    rows = history(run)
+    assert len(rows) == 30 and rows[-1]["epoch"] == 1
+    assert rows[15]["time"] >= rows[14]["time"]
+
+
+@pytest.mark.parametrize("method", ["vae", "iwae"])
+def test_svi_baselines_train_the_same_model(tmp_path, method):
+    run = str(tmp_path / method)
+    assert main(["train", "--method", method, "--out", run] + TINY) == 0
+    assert RUN_FILES <= set(os.listdir(run))
+    assert "elbo" in history(run)[0]
+
+
+def test_unknown_names_list_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "imagenet"])
+    err = capsys.readouterr().err
+    assert "invalid choice 'imagenet'" in err and "digits" in err and "cifar10" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "gan"])
+    assert "lpc, vae, iwae" in capsys.readouterr().err
+
+
+def test_missing_data_root_says_where_files_go(tmp_path, capsys):
+    code = main(["train", "--dataset", "mnist", "--data-root", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "run")] + TINY)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "MNIST/raw/train-images-idx3-ubyte" in err
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_corrupted_checkpoint_is_refused_and_the_run_left_untouched(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run)] + TINY) == 0
+    (run / "checkpoint.pt").write_bytes(b"garbage")
+    before = {p: (run / p).read_bytes() for p in os.listdir(run)}
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    assert {p: (run / p).read_bytes() for p in os.listdir(run)} == before
+    assert main(["evaluate", str(run), "--quiet"]) == 2
+
+
+def test_existing_run_is_not_overwritten(lpc_run, capsys):
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["train", "--out", lpc_run] + TINY)
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "pyro_lpc", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
