@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--particles", type=int, default=5, help="k for --method iwae")
     train.add_argument("--eval-samples", type=int, default=1000, help="k of the test IWAE bound")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<method>)")
+    train.add_argument("--out", default=None,
+                       help="run directory (default: the first free runs/<dataset>-<method>[-N])")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -148,7 +149,7 @@ def _loader(dataset, batch_size, shuffle=True):
 
 # -- commands --------------------------------------------------------------------------------
 def train(args) -> int:
-    out = args.out or os.path.join("runs", f"{args.dataset}-{args.method}")
+    out = args.out or _default_run_dir(args.dataset, args.method, existing=args.resume)
     config_path = os.path.join(out, CONFIG)
     if args.resume:
         if not os.path.exists(config_path):
@@ -191,6 +192,20 @@ def train(args) -> int:
     print(f"pyro-lpc: trained {config['method']} on {config['dataset']} for {config['epochs']} epochs "
           f"in {time.perf_counter() - started:.0f} s; wrote {', '.join(written)} in {out}")
     return 0
+
+
+def _default_run_dir(dataset, method, existing=False):
+    """``runs/<dataset>-<method>``, or ``-2``, ``-3``...: the first free one, or the
+    last taken one when resuming."""
+    base = os.path.join("runs", f"{dataset}-{method}")
+    taken = [base] if os.path.exists(base) else []
+    n = 2
+    while os.path.exists(f"{base}-{n}"):
+        taken.append(f"{base}-{n}")
+        n += 1
+    if existing:
+        return taken[-1] if taken else base
+    return base if not taken else f"{base}-{n}"
 
 
 def _restore_run(run_dir):

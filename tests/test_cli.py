@@ -97,6 +97,15 @@ def test_existing_run_is_not_overwritten(lpc_run, capsys):
         main(["train", "--out", lpc_run] + TINY)
 
 
+def test_default_run_directories_do_not_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"] + TINY) == 0
+    assert main(["train"] + TINY) == 0
+    assert sorted(os.listdir(tmp_path / "runs")) == ["digits-lpc", "digits-lpc-2"]
+    assert main(["train", "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert len(history(str(tmp_path / "runs" / "digits-lpc-2"))) == 30
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "pyro_lpc", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
