@@ -81,11 +81,25 @@ def read_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def to_device(obj, device):
+    """``obj`` (tensors in dicts, lists, tuples and named tuples) with every tensor on ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(to_device(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "pyro.optim.PyroOptim"]) -> dict:
     """Restore a checkpoint into the live param store, ``optims`` and the RNGs.
 
     ``args``/``kwargs`` are one batch on which model and guide are run once to
-    register their parameters. Returns the checkpoint dict (epoch, history, ...).
+    register their parameters. Returns the checkpoint dict (epoch, history, ...),
+    its other tensors moved to the device of the model's parameters.
     """
     checkpoint = read_checkpoint(path)
     with torch.no_grad(), poutine.block():
@@ -104,4 +118,5 @@ def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "py
     for name, optim in optims.items():
         optim.set_state(checkpoint["optims"][name])
     restore_rng(checkpoint["rng"])
-    return checkpoint
+    device = next(iter(current.values())).device if current else torch.device("cpu")
+    return {k: v if k in ("params", "optims", "rng") else to_device(v, device) for k, v in checkpoint.items()}
