@@ -719,7 +719,7 @@ class FeatureExtractor(nn.Module):
         self.eval()
         try:
             images = self._check(images)
-            pred = torch.cat([self(b).argmax(-1) for b in images.split(batch_size)])
+            pred = torch.cat([self.head(self.body(self.conv(b))).argmax(-1) for b in images.split(batch_size)])
             return float((pred.cpu() == torch.as_tensor(labels).cpu()).double().mean())
         finally:
             self.train(was_training)
