@@ -7,18 +7,14 @@ and records the same kind of history and checkpoints.
 """
 from __future__ import annotations
 
-import os
-import time
-import warnings
-from typing import List, Optional
+import math
+from typing import Optional
 
 import pyro
 import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
-from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .fit import FitResult, NonFiniteError, minibatches
+from .fit import FitResult, NonFiniteError, run_epochs
 
 OBJECTIVES = ("elbo", "iwae")
 
@@ -75,42 +71,21 @@ def fit_svi(
         loss = Trace_ELBO()
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
     svi = SVI(model, guide, optim, loss)
-    optims = {"optim": optim}
-    history: List[dict] = []
-    start_epoch, elapsed = 0, 0.0
-    path = os.path.join(checkpoint_dir, CHECKPOINT) if checkpoint_dir else None
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    if resume:
-        if path is None:
-            raise ValueError("resume=True needs checkpoint_dir.")
-        if os.path.exists(path):
-            args, kwargs = next(iter(minibatches(data, batch_size)))
-            checkpoint = load_checkpoint(path, model, guide, args, kwargs, optims)
-            history.extend(checkpoint["history"])
-            start_epoch, elapsed = checkpoint["epoch"], checkpoint["elapsed"]
-        else:
-            warnings.warn(f"resume=True but no checkpoint at {path}; starting from scratch.")
-    iteration = len(history)
-    clock = time.perf_counter() - elapsed
-    bar = tqdm(total=None, disable=not progress, desc=f"svi-{objective}", unit="it")
-    for epoch in range(start_epoch, num_epochs):
-        for args, kwargs in minibatches(data, batch_size):
-            value = svi.step(*args, **kwargs)
-            size = args[0].shape[0] if args and torch.is_tensor(args[0]) else 1
-            if not torch.isfinite(torch.tensor(value)):
-                raise NonFiniteError(
-                    f"Non-finite {objective} loss at iteration {iteration}; parameters hold the "
-                    "values of that step's update, so restart from the last checkpoint.",
-                    FitResult(list(history), {}),
-                )
-            history.append({"epoch": epoch, "iteration": iteration, "elbo": -value / size,
-                            "time": time.perf_counter() - clock})
-            iteration += 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, elbo=f"{-value / size:.3f}", refresh=False)
-        if path:
-            save_checkpoint(path, epoch=epoch + 1, elapsed=time.perf_counter() - clock,
-                            optims=optims, history=history)
-    bar.close()
+
+    def step(args, kwargs, iteration, epoch, history):
+        value = svi.step(*args, **kwargs)
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"Non-finite {objective} loss at iteration {iteration}; the parameters hold that "
+                "step's update, so restart from the last checkpoint.",
+                FitResult(list(history), {}),
+            )
+        size = args[0].shape[0] if args and torch.is_tensor(args[0]) else 1
+        return {"epoch": epoch, "iteration": iteration, "elbo": -value / size}
+
+    history = run_epochs(
+        step, data, batch_size=batch_size, num_epochs=num_epochs, seed=seed, progress=progress,
+        checkpoint_dir=checkpoint_dir, resume=resume, model=model, guide=guide,
+        optims={"optim": optim}, desc=f"svi-{objective}", key="elbo",
+    )
     return FitResult(history, {})

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import langevin
+from .fit import minibatches
 from .potential import ModelEnergy, is_subsample, find_data_plate, latent_sites, site_log_prob
 
 __all__ = [
@@ -64,22 +65,6 @@ PILOT_CHAINS = 10
 # =====================================================================================
 # marginal likelihood
 # =====================================================================================
-def _ordered_batches(data, batch_size):
-    """``(args, kwargs)`` per batch, in order: a tensor is split along dim 0; an iterable
-    yields tuples (``model(*batch)``), dicts (``model(**batch)``) or single arguments."""
-    if torch.is_tensor(data):
-        for chunk in data.split(batch_size or max(1, data.shape[0])):
-            yield (chunk,), {}
-        return
-    for batch in data:
-        if isinstance(batch, dict):
-            yield (), batch
-        elif isinstance(batch, (tuple, list)):
-            yield tuple(batch), {}
-        else:
-            yield (batch,), {}
-
-
 class _Vectorized:
     """``fn`` run under ``pyro.plate("particles", size, dim=-max_plate_nesting - 1)``."""
 
@@ -531,7 +516,8 @@ def log_marginal_likelihood(
     results = []
     bar = tqdm(disable=not progress, desc=f"log p(x) [{method}]", unit="batch" if method == "iwae" else "step")
     try:
-        for args, kwargs in _ordered_batches(data, batch_size):
+        whole = data.shape[0] if torch.is_tensor(data) else None
+        for args, kwargs in minibatches(data, batch_size or whole, shuffle=False):
             if plate is None:
                 plate, guessed = _prototype(model, guide, args, kwargs, data_plate, method)
                 nesting = guessed if nesting is None else max(int(nesting), guessed)

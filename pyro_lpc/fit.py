@@ -83,11 +83,17 @@ def _kept(keep, k: int, num_steps: int) -> bool:
     return k > keep
 
 
-def minibatches(data, batch_size):
-    """Mini-batches of ``data`` for one epoch, as ``(args, kwargs)``."""
+def minibatches(data, batch_size, shuffle=True):
+    """Mini-batches of ``data`` for one epoch, as ``(args, kwargs)``: a tensor is split
+    along dim 0 (shuffled unless ``shuffle=False``); an iterable yields tuples
+    (``model(*batch)``), dicts (``model(**batch)``) or single arguments."""
     if torch.is_tensor(data):
         if batch_size is None:
             raise ValueError("data is a tensor: give batch_size to split it into mini-batches.")
+        if not shuffle:
+            for chunk in data.split(batch_size):
+                yield (chunk,), {}
+            return
         order = torch.randperm(data.shape[0], device=data.device)
         for idx in order.split(batch_size):
             yield (data[idx],), {}
@@ -431,7 +437,28 @@ def fit(
             raise TypeError(f"{name} must be a pyro.optim optimiser (e.g. pyro.optim.Adam), got {type(o).__name__}.")
     learner = _Learner(model, guide, num_steps, step_size, global_step_size, precondition, adjust,
                        keep, optim, guide_optim, data_plate)
-    optims = {"optim": optim, "guide_optim": guide_optim}
+    def step(args, kwargs, iteration, epoch, history):
+        return _iterate(learner, args, kwargs, iteration, epoch, history)
+
+    history = run_epochs(
+        step, data, batch_size=batch_size, num_epochs=num_epochs, seed=seed, progress=progress,
+        checkpoint_dir=checkpoint_dir, resume=resume, model=model, guide=guide,
+        optims={"optim": optim, "guide_optim": guide_optim}, state=learner,
+        on_epoch=None if recorder is None else lambda epoch: recorder.record(learner, epoch),
+        desc="fit", key="log_joint",
+    )
+    return FitResult(history, learner.state_dict())
+
+
+def run_epochs(step, data, *, batch_size, num_epochs, seed, progress, checkpoint_dir, resume, model,
+               guide, optims, state=None, on_epoch=None, desc="fit", key="log_joint") -> List[dict]:
+    """The epoch loop shared by :func:`fit` and :func:`~pyro_lpc.baselines.fit_svi`.
+
+    ``step(args, kwargs, iteration, epoch, history)`` trains on one mini-batch and
+    returns its history row (``time`` is added here). Seeds, resumes from and
+    writes a checkpoint after each epoch (params, ``optims``, RNGs, history and
+    ``state.state_dict()``), and shows a progress bar of ``key``.
+    """
     history: List[dict] = []
     start_epoch, elapsed = 0, 0.0
     path = os.path.join(checkpoint_dir, CHECKPOINT) if checkpoint_dir else None
@@ -443,30 +470,31 @@ def fit(
         if os.path.exists(path):
             args, kwargs = next(iter(minibatches(data, batch_size)))
             checkpoint = load_checkpoint(path, model, guide, args, kwargs, optims)
-            learner.load_state_dict(checkpoint["sampler"])
+            if state is not None:
+                state.load_state_dict(checkpoint["sampler"])
             history.extend(checkpoint["history"])
             start_epoch, elapsed = checkpoint["epoch"], checkpoint["elapsed"]
         else:
             warnings.warn(f"resume=True but no checkpoint at {path}; starting from scratch.")
-
     iteration = len(history)
     clock = time.perf_counter() - elapsed
-    bar = tqdm(total=None, disable=not progress, desc="fit", unit="it")
+    bar = tqdm(total=None, disable=not progress, desc=desc, unit="it")
     for epoch in range(start_epoch, num_epochs):
         for args, kwargs in minibatches(data, batch_size):
-            row = _iterate(learner, args, kwargs, iteration, epoch, history)
+            row = step(args, kwargs, iteration, epoch, history)
             row["time"] = time.perf_counter() - clock
             history.append(row)
             iteration += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch, log_joint=f"{row['log_joint']:.3f}", refresh=False)
-        if recorder is not None:
-            recorder.record(learner, epoch)
+            bar.set_postfix(epoch=epoch, **{key: f"{row[key]:.3f}"}, refresh=False)
+        if on_epoch is not None:
+            on_epoch(epoch)
         if path:
+            extra = {} if state is None else {"sampler": state.state_dict()}
             save_checkpoint(path, epoch=epoch + 1, elapsed=time.perf_counter() - clock,
-                            optims=optims, history=history, sampler=learner.state_dict())
+                            optims=optims, history=history, **extra)
     bar.close()
-    return FitResult(history, learner.state_dict())
+    return history
 
 
 def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict:

@@ -237,8 +237,11 @@ class ModelEnergy:
         return values, ladj
 
     def trace(self, values: Position) -> poutine.Trace:
+        """The model's trace at ``values``. Distribution arguments are not validated
+        here: the prototype trace was, and non-finite energies are caught as divergences."""
         model = poutine.condition(poutine.replay(self.model, trace=self.replay), data=values)
-        return poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        with pyro.validation_enabled(False):
+            return poutine.trace(model).get_trace(*self.args, **self.kwargs)
 
     def _local_terms(self, trace: poutine.Trace, ladj: Position) -> torch.Tensor:
         """``-Σ log p - log|J|`` per data point over the sites inside the data plate, unscaled."""
