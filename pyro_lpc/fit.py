@@ -255,8 +255,8 @@ class _Learner:
         global_state = langevin.LangevinState(self.global_position, u_g, g_g, global_precond, 0)
         kept, diverged = [], []
         for k in range(1, self.num_steps + 1):
-            lp, _, l_prop = langevin.propose(local_state, self.step_size, batch_ndim=1)
-            gp, _, g_prop = langevin.propose(global_state, global_step)
+            lp, _, l_prop, _ = langevin.propose(local_state, self.step_size, batch_ndim=1)
+            gp, _, g_prop, _ = langevin.propose(global_state, global_step)
             (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(l_prop, g_prop)
             local_state = langevin.LangevinState(l_prop, u_l, g_l, lp, k)
             global_state = langevin.LangevinState(g_prop, u_g, g_g, gp, k)

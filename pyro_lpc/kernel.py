@@ -109,6 +109,8 @@ class PCLangevin(MCMCKernel):
         self._init_strategy = init_strategy
         self._max_plate_nesting = max_plate_nesting
         self.init = init
+        self.step_size = self._init_step_size
+        self._final_preconditioner = None
         self._reset()
 
     # -- MCMC contract -----------------------------------------------------------
@@ -121,7 +123,6 @@ class PCLangevin(MCMCKernel):
         self._initial_params = None
         self._state = None
         self._value_and_grad = None
-        self.step_size = self._init_step_size
         self._dual_averaging = DualAveraging()
 
     @property
@@ -134,6 +135,7 @@ class PCLangevin(MCMCKernel):
 
     def setup(self, warmup_steps, *args, **kwargs):
         self._warmup_steps = warmup_steps
+        self.step_size = self._init_step_size
         self._args, self._kwargs = args, kwargs
         if self.model is not None:
             built = model_potential(
@@ -264,6 +266,9 @@ class PCLangevin(MCMCKernel):
             self.step_size = math.exp(log_step_avg if last else log_step)
 
     def cleanup(self):
+        """End of a chain: forget its state, but keep what warm-up adapted
+        (``step_size``, ``preconditioner``) readable until the next ``setup``."""
+        self._final_preconditioner = self.preconditioner
         self._reset()
 
     def logging(self):
@@ -284,7 +289,10 @@ class PCLangevin(MCMCKernel):
 
     @property
     def preconditioner(self):
-        """The current diagonal ``P`` per site (frozen after warm-up), or ``None``."""
-        if self._state is None or self._state.precond.kind is None:
+        """The diagonal ``P`` per site (frozen after warm-up; after a run, the last
+        chain's), or ``None`` without preconditioning."""
+        if self._state is None:
+            return self._final_preconditioner
+        if self._state.precond.kind is None:
             return None
         return dict(self._state.precond.scale)

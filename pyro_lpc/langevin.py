@@ -243,20 +243,21 @@ def init(
 def propose(state: LangevinState, step_size: float, batch_ndim: int = 0):
     """The Langevin proposal ``z - η P ⊙ d + sqrt(2ηP) ⊙ ξ`` from ``state``.
 
-    Returns ``(precond, direction, proposal)``: the preconditioner used (the
-    per-chain kinds first fold in the current gradient), the drift direction
-    ``d`` (the gradient, or ``m̂`` for ``"adam"``) and the proposed position.
+    Returns ``(precond, direction, proposal, noise)``: the preconditioner used
+    (the per-chain kinds first fold in the current gradient), the drift direction
+    ``d`` (the gradient, or ``m̂`` for ``"adam"``), the proposed position and the
+    noise ``ξ`` (so ``log q(z'|z) = -‖ξ‖²/2 + const``).
     """
     precond = state.precond
     if precond.kind in ("rmsprop", "adam"):
         precond = refresh(accumulate(precond, state.grad, batch_ndim))
     direction = _drift_direction(precond, state.grad)
-    proposal = {}
+    proposal, noise = {}, {}
     for name, z in state.position.items():
         scale = _scale_of(precond, name, z)
-        noise = torch.randn_like(z)
-        proposal[name] = z - step_size * scale * direction[name] + (2.0 * step_size * scale).sqrt() * noise
-    return precond, direction, proposal
+        noise[name] = torch.randn_like(z)
+        proposal[name] = z - step_size * scale * direction[name] + (2.0 * step_size * scale).sqrt() * noise[name]
+    return precond, direction, proposal, noise
 
 
 def step(
@@ -275,7 +276,7 @@ def step(
     rejected, under ULA the caller decides (the chain would carry NaNs).
     """
     check_precondition(state.precond.kind, adjust)
-    precond, direction, proposal = propose(state, step_size, batch_ndim)
+    precond, _, proposal, noise = propose(state, step_size, batch_ndim)
     new_potential, new_grad = potential_and_grad(proposal)
 
     finite = torch.isfinite(new_potential)
@@ -287,7 +288,7 @@ def step(
         state.potential
         - new_potential
         + _log_proposal(state.position, proposal, new_grad, precond, step_size, batch_ndim)
-        - _log_proposal(proposal, state.position, direction, precond, step_size, batch_ndim)
+        + sum(_sum_event(xi.square(), batch_ndim) for xi in noise.values()) / 2  # -log q(z'|z)
     )
     accept_prob = torch.where(diverged, -math.inf, log_ratio).clamp(max=0.0).exp()
 

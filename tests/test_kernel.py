@@ -222,11 +222,14 @@ def test_init_guide_sets_the_chain_start():
 
 
 def test_diagnostics_report_divergences_acceptance_and_step_size():
-    mcmc = run(PCLangevin(normal_mean, adjust=True), DATA, num_samples=100, warmup_steps=100)
+    kernel = PCLangevin(normal_mean, adjust=True)
+    mcmc = run(kernel, DATA, num_samples=100, warmup_steps=100)
     diag = mcmc.diagnostics()
     assert diag["divergences"] == {"chain 0": []}
     assert 0.0 < diag["acceptance rate"]["chain 0"] <= 1.0
-    assert diag["step size"]["chain 0"] > 0.0
+    # what warm-up adapted stays readable on the kernel after the run
+    assert kernel.step_size == diag["step size"]["chain 0"] != 0.01
+    assert set(kernel.preconditioner) == {"mu", "sigma"}
 
 
 def test_mala_rejects_and_counts_divergences():
