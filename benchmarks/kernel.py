@@ -241,6 +241,10 @@ def run_timing(features, labels, warmup, num_steps, rounds, seed, profile):
     fn_kernel.initial_params = {"beta": z0.clone()}
     fn_step, _ = warmed_kernel(fn_kernel, (), warmup)
 
+    jit_kernel = PCLangevin(logistic_model, adjust=True, precondition="diagonal", jit_compile=True,
+                            ignore_jit_warnings=True)
+    jit_step, _ = warmed_kernel(jit_kernel, (features, labels), warmup)
+
     hand = HandMALA(potential, z0, scale, eta)
     for _ in range(warmup):
         hand.step()
@@ -249,6 +253,7 @@ def run_timing(features, labels, warmup, num_steps, rounds, seed, profile):
         "hand-written MALA": hand.step,
         "PCLangevin(model=)": model_step,
         "PCLangevin(potential_fn=)": fn_step,
+        "PCLangevin(model=, jit)": jit_step,
     }
     times = {name: [] for name in loops}
     for _ in range(rounds):

@@ -39,6 +39,8 @@ def model_potential(
     init_strategy=None,
     initial_params: Optional[Position] = None,
     max_plate_nesting: Optional[int] = None,
+    jit_compile: bool = False,
+    ignore_jit_warnings: bool = False,
 ) -> ModelPotential:
     """Build the unconstrained energy of ``model`` with :func:`initialize_model`.
 
@@ -54,6 +56,8 @@ def model_potential(
             max_plate_nesting=max_plate_nesting,
             initial_params=initial_params,
             init_strategy=init_strategy,
+            jit_compile=jit_compile,
+            skip_jit_warnings=ignore_jit_warnings,
         )
     except ValueError as error:
         if "cannot find valid initial params" not in str(error):
