@@ -107,6 +107,16 @@ def minibatches(data, batch_size, shuffle=True):
             yield (batch,), {}
 
 
+def _num_batches(data, batch_size) -> int:
+    """Mini-batches per epoch, or 0 when ``data`` does not say."""
+    if torch.is_tensor(data):
+        return -(-data.shape[0] // batch_size) if batch_size else 0
+    try:
+        return len(data)
+    except TypeError:
+        return 0
+
+
 def _shapes(args, kwargs):
     describe = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
     return [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
@@ -478,7 +488,8 @@ def run_epochs(step, data, *, batch_size, num_epochs, seed, progress, checkpoint
             warnings.warn(f"resume=True but no checkpoint at {path}; starting from scratch.")
     iteration = len(history)
     clock = time.perf_counter() - elapsed
-    bar = tqdm(total=None, disable=not progress, desc=desc, unit="it")
+    bar = tqdm(total=_num_batches(data, batch_size) * num_epochs or None, initial=iteration,
+               disable=not progress, desc=desc, unit="it")
     for epoch in range(start_epoch, num_epochs):
         for args, kwargs in minibatches(data, batch_size):
             row = step(args, kwargs, iteration, epoch, history)
