@@ -192,13 +192,18 @@ class _Learner:
             )
             raise RuntimeError(message) from error
         energy = ModelEnergy(self.model, args, kwargs, prototype, self.data_plate)
-        self._check_sites(energy, start, guide_trace)
+        self._check_sites(energy, guide_trace)
         if self.global_position is None and energy.globals:
             self.global_position = energy.unconstrain({n: start[n] for n in energy.globals})
             self.global_values = {n: start[n] for n in energy.globals}
         return guide_trace, energy, start
 
-    def _check_sites(self, energy: ModelEnergy, start, guide_trace):
+    def _check_sites(self, energy: ModelEnergy, guide_trace):
+        if not energy.transforms:
+            raise ValueError(
+                "The model has no latent sample site: there is nothing for Langevin dynamics to "
+                "sample (fit learns parameters through the posterior of latent variables)."
+            )
         if self.adjust and energy.globals:
             raise ValueError(
                 f"adjust=True needs every latent site to be local to the data plate, but "

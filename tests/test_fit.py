@@ -324,6 +324,16 @@ def test_guide_sampling_an_unknown_site():
         fit(one_latent_model, guide, torch.randn(10), batch_size=5, progress=False)
 
 
+def test_model_without_latent_sites():
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match="no latent sample site"):
+        fit(model, None, torch.randn(10), batch_size=5, progress=False)
+
+
 def test_discrete_latent_site():
     def model(x):
         with pyro.plate("data", x.shape[0]):
