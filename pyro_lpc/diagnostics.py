@@ -9,7 +9,8 @@ preconditioner, step size and K) and keeps every step, so that
 :func:`arviz.plot_trace` apply. Recording neither changes the training's random
 stream nor its shared preconditioner: both are restored afterwards.
 
-Local latents only are recorded (a global latent has one persistent chain).
+Local latents only are recorded, with the global latents held at the values
+of their persistent chain (which the recorded points alone must not move).
 The recorded points are passed to the model as one batch of
 ``num_chains × B`` copies, so the model's data plate must be sized by its
 batch (``pyro.plate("data", x.shape[0])``).
@@ -72,7 +73,7 @@ class ChainRecorder:
             learner.num_steps = self.num_steps or num_steps
             with torch.no_grad():
                 _, energy, start = learner.chain_start(replicated, {}, iteration=f"record-{label}")
-                samples, _ = learner.run_chains(energy, start, keep="all")
+                samples, _ = learner.run_chains(energy, start, keep="all", move_globals=False)
         finally:
             learner.num_steps = num_steps
             learner.load_state_dict(saved)

@@ -13,7 +13,7 @@ drift uses the *unscaled* per-point energy (its own prior and likelihood only �
 Pyro's N/B subsampling scale is right for θ, wrong for a data point's
 posterior). Sites outside it are *global*: one persistent chain carried across
 mini-batches, driven by the *scaled* mini-batch energy (stochastic-gradient
-Langevin). Global chains are never Metropolis-adjusted (a mini-batch energy
+Langevin, unpreconditioned, step ``step_size / N`` by default). Global chains are never Metropolis-adjusted (a mini-batch energy
 admits no exact test), so ``adjust=True`` requires all latents to be local. The
 data plate is the plate shared by all observed sites (the subsampled one if
 several are), or the one named by ``data_plate``.
@@ -143,7 +143,6 @@ class _Learner:
         self.data_plate = data_plate
         # carried across mini-batches (and saved in checkpoints)
         self.local_precond = None  # shared diagonal statistics of the local chains
-        self.global_precond = None
         self.global_position = None  # persistent global chain (unconstrained)
         self.global_values = {}  # ... and its constrained values
 
@@ -151,14 +150,12 @@ class _Learner:
     def state_dict(self):
         return {
             "local_precond": self.local_precond,
-            "global_precond": self.global_precond,
             "global_position": self.global_position,
             "global_values": self.global_values,
         }
 
     def load_state_dict(self, state):
         self.local_precond = state["local_precond"]
-        self.global_precond = state["global_precond"]
         self.global_position = state["global_position"]
         self.global_values = state["global_values"]
 
@@ -228,82 +225,84 @@ class _Learner:
                 "local latent. Global latents may be left out."
             )
 
-    def run_chains(self, energy: ModelEnergy, start, keep=None):
+    def run_chains(self, energy: ModelEnergy, start, keep=None, move_globals=True):
         """K Langevin steps; returns the kept samples (constrained, detached) and chain stats.
 
-        ``keep`` overrides the learner's choice (diagnostics record every step)."""
+        ``keep`` overrides the learner's choice; ``move_globals=False`` holds the
+        global latents at their current values (diagnostics record local chains)."""
         keep = self.keep if keep is None else keep
         local = energy.unconstrain({n: start[n] for n in energy.local})
-        if self.precondition == "diagonal":
-            if self.local_precond is None and local:
-                self.local_precond = langevin.init_preconditioner("diagonal", local, batch_ndim=1)
-            if self.global_precond is None and energy.globals:
-                self.global_precond = langevin.init_preconditioner("diagonal", self.global_position)
-            local_precond, global_precond = self.local_precond, self.global_precond
-        else:
-            local_precond = langevin.init_preconditioner(self.precondition, local, batch_ndim=1)
-            global_precond = self.global_precond or langevin.init_preconditioner(
-                self.precondition, self.global_position or {}
-            )
-        if energy.globals:
-            return self._joint_chains(energy, local, local_precond, global_precond, keep)
-        vag = langevin.value_and_grad(energy.local_energy({}))
+        local_precond = self._preconditioner(local)
+        if energy.globals and move_globals:
+            return self._joint_chains(energy, local, local_precond, keep)
+        vag = langevin.value_and_grad(energy.local_energy(self.global_values))
         state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
+        state = self._first_estimate(state)
         kept, accept, diverged = [], [], []
         for k in range(1, self.num_steps + 1):
             state, info = langevin.step(state, vag, self.step_size, adjust=self.adjust, batch_ndim=1)
-            self._accumulate(state, "local")
+            self._accumulate(state)
             accept.append(info.accept_prob.mean())
             diverged.append(info.diverged.any())
             if _kept(keep, k, self.num_steps):
-                kept.append(energy.constrain(state.position)[0])
+                kept.append({**energy.constrain(state.position)[0], **self.global_values})
         self._refresh()
         stats = {"accept": torch.stack(accept), "diverged": torch.stack(diverged)}
         return kept, stats
 
-    def _joint_chains(self, energy, local, local_precond, global_precond, keep):
-        """Unadjusted joint steps of local and global chains, one model evaluation each."""
+    def _preconditioner(self, local):
+        """The local chains' preconditioner: the shared diagonal, or fresh per-chain
+        statistics for the per-chain kinds."""
+        if self.precondition != "diagonal":
+            return langevin.init_preconditioner(self.precondition, local, batch_ndim=1)
+        if self.local_precond is None:
+            self.local_precond = langevin.init_preconditioner("diagonal", local, batch_ndim=1)
+        return self.local_precond
+
+    def _first_estimate(self, state):
+        """Before the very first chain, start the shared diagonal from the initial
+        gradient instead of ``P = 1`` (which can be far too large a step)."""
+        if self.precondition != "diagonal" or state.precond.count or not state.grad:
+            return state
+        self.local_precond = langevin.refresh(langevin.accumulate(state.precond, state.grad, 1))
+        return state._replace(precond=self.local_precond)
+
+    def _joint_chains(self, energy, local, local_precond, keep):
+        """Unadjusted joint steps of the local chains and the global chain, one model
+        evaluation each. The global chain is plain SGLD (``P = 1``) with step
+        ``global_step_size``, by default ``step_size / N``: its posterior's curvature
+        grows like N. (A gradient-RMS preconditioner turns its drift into a
+        normalised-gradient step of fixed length, which measured far slower.)"""
         (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(local, self.global_position)
-        # a global posterior concentrates like 1/N: by default its step shrinks likewise
         global_step = self.global_step_size or self.step_size / energy.num_data()
-        local_state = langevin.LangevinState(local, u_l, g_l, local_precond, 0)
-        global_state = langevin.LangevinState(self.global_position, u_g, g_g, global_precond, 0)
+        local_state = self._first_estimate(langevin.LangevinState(local, u_l, g_l, local_precond, 0))
+        no_precond = langevin.init_preconditioner(None, self.global_position)
+        global_state = langevin.LangevinState(self.global_position, u_g, g_g, no_precond, 0)
         kept, diverged = [], []
         for k in range(1, self.num_steps + 1):
             lp, _, l_prop, _ = langevin.propose(local_state, self.step_size, batch_ndim=1)
-            gp, _, g_prop, _ = langevin.propose(global_state, global_step)
+            _, _, g_prop, _ = langevin.propose(global_state, global_step)
             (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(l_prop, g_prop)
             local_state = langevin.LangevinState(l_prop, u_l, g_l, lp, k)
-            global_state = langevin.LangevinState(g_prop, u_g, g_g, gp, k)
-            self._accumulate(local_state, "local")
-            self._accumulate(global_state, "global")
+            global_state = langevin.LangevinState(g_prop, u_g, g_g, no_precond, k)
+            self._accumulate(local_state)
             diverged.append(~torch.isfinite(u_g))
             if _kept(keep, k, self.num_steps):
                 kept.append(energy.constrain({**l_prop, **g_prop})[0])
         self.global_position = global_state.position
         self.global_values = energy.constrain(global_state.position)[0]
-        if self.precondition != "diagonal":
-            self.global_precond = global_state.precond
         self._refresh()
         return kept, {"accept": None, "diverged": torch.stack(diverged)}
 
-    def _accumulate(self, state, which):
-        """Fold the chain's gradients into the shared diagonal (P itself stays fixed)."""
-        if self.precondition != "diagonal" or not state.grad:
-            return
-        if which == "local":
+    def _accumulate(self, state):
+        """Fold the local chains' gradients into the shared diagonal (P itself stays fixed)."""
+        if self.precondition == "diagonal" and state.grad:
             self.local_precond = langevin.accumulate(self.local_precond, state.grad, batch_ndim=1)
-        else:
-            self.global_precond = langevin.accumulate(self.global_precond, state.grad)
 
     def _refresh(self):
         """End of a chain: the shared diagonal takes up the new statistics."""
-        if self.precondition == "diagonal":
-            if self.local_precond is not None:
-                self.local_precond = langevin.refresh(self.local_precond)
-            if self.global_precond is not None:
-                self.global_precond = langevin.refresh(self.global_precond)
-
+        if self.precondition == "diagonal" and self.local_precond is not None:
+            self.local_precond = langevin.refresh(self.local_precond)
 
     def theta_gradients(self, energy: ModelEnergy, kept):
         """Accumulate ``∇θ -mean_k log p_θ(x, z_k)`` one sample at a time (memory flat in K).
@@ -399,9 +398,10 @@ def fit(
         shuffled mini-batches of ``batch_size`` each epoch.
     :param int num_steps: Langevin steps K per mini-batch.
     :param float step_size: Langevin step size η of the local chains.
-    :param float global_step_size: step size of the global chain (default
-        ``step_size / N``, N the data plate's full size: a global posterior's
-        width shrinks like 1/sqrt(N), its curvature grows like N).
+    :param float global_step_size: step size of the global chain, plain SGLD
+        (default ``step_size / N``, N the data plate's full size: a global
+        posterior's curvature grows like N). ``precondition`` applies to the
+        local chains.
     :param precondition: ``"diagonal"`` (shared by all chains, carried across
         mini-batches, constant within a chain), ``"rmsprop"``/``"adam"`` (the
         paper's per-chain forms) or ``None``.

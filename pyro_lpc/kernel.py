@@ -13,7 +13,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.ops.dual_averaging import DualAveraging
 
 from . import langevin
-from .potential import model_potential, nonfinite_sites, unconstrain
+from .potential import latent_sites, model_potential, nonfinite_sites, unconstrain
 
 #: Fraction of warm-up during which the preconditioner adapts; the rest re-tunes
 #: the step size against the frozen preconditioner.
@@ -181,11 +181,7 @@ class PCLangevin(MCMCKernel):
         """Unconstrained starting values drawn from the ``init`` guide."""
         with torch.no_grad(), poutine.block():
             trace = poutine.trace(self.init).get_trace(*args, **kwargs)
-        drawn = {
-            name: site["value"].detach()
-            for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"]
-        }
+        drawn = {name: trace.nodes[name]["value"].detach() for name in latent_sites(trace)}
         unknown = sorted(set(drawn) - set(params))
         if unknown:
             raise ValueError(

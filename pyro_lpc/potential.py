@@ -158,8 +158,8 @@ def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
 
 def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
     """The plate that indexes data points: the one named ``name``, or else the
-    plate shared by every observed site (the subsampled one, or the outermost,
-    if several are shared). ``None`` when the observed sites share no plate."""
+    plate shared by every observed site inside a plate (the subsampled one, or
+    the outermost, if several are shared). ``None`` when they share no plate."""
     frames = {}
     shared = None
     for site in trace.nodes.values():
@@ -167,7 +167,7 @@ def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
             continue
         stack = {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
         frames.update(stack)
-        if site["is_observed"]:
+        if site["is_observed"] and stack:  # observed sites outside every plate are not data
             shared = set(stack) if shared is None else shared & set(stack)
     if name is not None:
         if name not in frames:

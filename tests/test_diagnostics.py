@@ -74,6 +74,27 @@ def test_recording_does_not_change_training():
     assert run(None) == run(ChainRecorder(x[:2], num_chains=3))
 
 
+def test_recording_holds_the_global_latents_fixed():
+    def hierarchical(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    x = torch.randn(60) + 2.0
+    chosen = torch.tensor([8.0, 8.0])  # far from the others: would drag a moving mu along
+    recorder = ChainRecorder(chosen, num_chains=4, num_steps=1500)
+    result = fit(hierarchical, None, x, batch_size=30, num_steps=5, num_epochs=5, step_size=0.05,
+                 global_step_size=0.01, seed=0, progress=False, recorder=recorder)
+    mu = result.sampler_state["global_values"]["mu"]
+    # given mu, z | x ~ N((mu + 4 x) / 5, 1/5): compare with 5 MC standard errors
+    burned = recorder.records[4].sel(draw=slice(300, None))
+    mean = torch.as_tensor(burned.posterior["z"].mean(("chain", "draw")).values).float()
+    ess = torch.as_tensor(arviz.ess(burned)["z"].values).float()
+    exact = (mu + 4 * chosen) / 5
+    assert torch.all((mean - exact).abs() < 5 * math.sqrt(0.2) / ess.sqrt())
+
+
 def test_pclangevin_runs_convert_for_arviz():
     def mean_model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 10.0))

@@ -209,10 +209,11 @@ def test_global_and_local_latents_in_a_subsampled_plate_learn_the_generating_val
                  optim=pyro.optim.Adam({"lr": 2e-2}), guide_optim=pyro.optim.Adam({"lr": 2e-2}))
     tau = pyro.param("tau").item()
     mu = result.sampler_state["global_values"]["mu"].item()
-    # MLE of τ has sd ≈ τ / sqrt(2n) · (τ² + 0.25) / τ² ≈ 0.03; allow 0.15 for SGD jitter.
-    assert abs(tau - tau_true) < 0.15, tau
-    # posterior sd of μ is ≈ sqrt((τ² + 0.25) / n) ≈ 0.035; the SGLD chain's last draw within 0.25
-    assert abs(mu - x.mean().item()) < 0.25, mu
+    # MLE of τ has sd ≈ τ / sqrt(2n) · (τ² + 0.25) / τ² ≈ 0.03; allow 0.1 for Adam's jitter.
+    assert abs(tau - tau_true) < 0.1, tau
+    # posterior sd of μ is ≈ sqrt((τ² + 0.25) / n) ≈ 0.035; mini-batch gradient noise widens
+    # the SGLD chain's spread to ≈ 0.07 (measured): its last draw within 3 of those, 0.2
+    assert abs(mu - x.mean().item()) < 0.2, mu
 
 
 # -- a constrained local latent ----------------------------------------------------------
@@ -322,6 +323,19 @@ def test_guide_sampling_an_unknown_site():
 
     with pytest.raises(ValueError, match=r"\['extra'\].*not latent sites"):
         fit(one_latent_model, guide, torch.randn(10), batch_size=5, progress=False)
+
+
+def test_observed_site_outside_every_plate_does_not_hide_the_data_plate():
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.sample("mu_obs", dist.Normal(mu, 0.1), obs=torch.tensor(0.5))  # no plate
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    result = fit(model, None, torch.randn(40), batch_size=20, num_steps=3, progress=False, seed=0)
+    # z is local (one chain per data point), only mu is a persistent global chain
+    assert set(result.sampler_state["global_values"]) == {"mu"}
 
 
 def test_model_without_latent_sites():

@@ -228,6 +228,8 @@ def test_same_seed_same_chain():
 def test_init_guide_sets_the_chain_start():
     def guide(y):
         pyro.sample("mu", dist.Normal(7.0, 1e-3))
+        with pyro.plate("data", len(y)):  # an amortised guide's plate is not a latent site
+            pass
 
     kernel = PCLangevin(normal_mean, init=guide)
     kernel.setup(0, DATA)
