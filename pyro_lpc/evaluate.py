@@ -37,7 +37,7 @@ import pyro.poutine as poutine
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import langevin
 from .fit import minibatches

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Union
 import pyro
 import pyro.poutine as poutine
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import langevin
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
