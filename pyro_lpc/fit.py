@@ -49,7 +49,16 @@ class FitResult:
     ``iteration``, ``log_joint`` (mean over kept samples of the scaled
     mini-batch ``log p(x, z)`` divided by the number of data points N, i.e. an
     estimate of the full-data log-joint per data point), ``guide_loss``, ``accept_rate`` (MALA only), ``step_size``,
-    ``num_steps`` and ``time`` (seconds since the start, resumed runs included)."""
+    ``num_steps`` and ``time`` (seconds since the start, resumed runs included).
+    ``sampler_state`` holds what the sampler carries across mini-batches (the
+    shared diagonal preconditioner, the global chain's position and values).
+
+    Example::
+
+        >>> result = FitResult([{"iteration": 0, "log_joint": -3.0}, {"iteration": 1, "log_joint": -2.5}], {})
+        >>> result["log_joint"]
+        [-3.0, -2.5]
+    """
 
     def __init__(self, history: List[dict], sampler_state: dict):
         self.history = history

@@ -4,7 +4,23 @@ Latent sites with a constrained support are sampled in unconstrained space
 ``u = T(z)``, exactly as Pyro's HMC does: the energy is
 ``U(u) = -log p(x, T⁻¹(u)) - log|det ∂T⁻¹(u)/∂u|``. The construction is
 Pyro's own :func:`pyro.infer.mcmc.util.initialize_model`; this module adds the
-checks that make failures readable.
+checks that make failures readable, and :class:`ModelEnergy`, the per-data-point
+energies ``fit`` runs its chains on.
+
+Example::
+
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> from pyro_lpc.potential import model_potential
+    >>> def model(y):
+    ...     scale = pyro.sample("scale", dist.HalfNormal(1.0))
+    ...     pyro.sample("y", dist.Normal(0.0, scale), obs=y)
+    >>> built = model_potential(model, (torch.tensor(0.5),))
+    >>> u = {"scale": torch.tensor(0.0)}            # log(scale) = 0, i.e. scale = 1
+    >>> energy = built.potential_fn(u)              # -log p(y, scale) - log|d scale / du|
+    >>> expected = -(dist.HalfNormal(1.0).log_prob(torch.tensor(1.0))
+    ...              + dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.5)))
+    >>> bool(torch.isclose(energy, expected))
+    True
 """
 from __future__ import annotations
 
