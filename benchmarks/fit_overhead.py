@@ -15,7 +15,6 @@ allocation on a GPU) for several K, to show it does not grow with K.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -105,14 +104,20 @@ def time_hand_written(dlgm, batches, num_steps, step_size):
 
 
 def peak_memory(num_steps, device):
-    """Peak memory (MiB) of a 5-iteration fit in a fresh process."""
+    """Peak memory (MiB) of a 5-iteration fit in a fresh process.
+
+    On Linux the peak RSS is the child's ``VmHWM``: its ``ru_maxrss`` starts at the *parent's*
+    peak (Linux keeps it across ``execve``), which is wrong whenever the caller is the larger
+    process (e.g. ``benchmarks/run.py`` holding the datasets)."""
     code = (
         "import sys, json, resource, torch; sys.path.insert(0, 'benchmarks');"
         "import fit_overhead as b;"
         f"d = b.make_model('{device}'); bt = b.data(5, '{device}');"
         f"b.time_fit(d, bt, {num_steps}, 1e-2);"
         "cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None;"
-        "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'cuda': cuda}))"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')] if sys.platform == 'linux' else [];"
+        "rss = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
+        "print(json.dumps({'rss': rss, 'cuda': cuda}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
