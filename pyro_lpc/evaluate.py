@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from . import langevin
 from .fit import minibatches
-from .potential import ModelEnergy, is_subsample, find_data_plate, latent_sites, site_log_prob
+from .potential import ModelEnergy, find_data_plate, in_plate, is_subsample, latent_sites, plate_log_prob, sum_except
 
 __all__ = [
     "log_marginal_likelihood",
@@ -81,37 +81,16 @@ class _Plate(NamedTuple):
     dim: int
 
 
-def _frames(site) -> list:
-    return [f.name for f in site["cond_indep_stack"]]
-
-
-def _reduce(value: torch.Tensor, plate_dim: int, particle_dim: int) -> torch.Tensor:
-    """Sum a log-density of batch shape ``(particles, ..., B, ...)`` over every dim but the data
-    plate's and the particles' ones: shape ``(B, particles)`` (size-1 where broadcast)."""
-    value = value.reshape((1,) * max(0, -particle_dim - value.dim()) + value.shape)
-    n = value.dim()
-    value = value.movedim((n + plate_dim, n + particle_dim), (0, 1))
-    return value.reshape(value.shape[0], value.shape[1], -1).sum(-1)
-
-
 def _plate_log_prob(trace, plate: _Plate, particle_dim: int, sites=None) -> torch.Tensor:
-    """Unscaled, masked ``Σ_s log p(s_i)`` over the sample sites of ``trace`` inside the data
-    plate (all, or those named in ``sites``), per data point and particle: ``(B, particles)``."""
-    total = 0.0
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or is_subsample(site) or plate.name not in _frames(site):
-            continue
-        if sites is not None and name not in sites:
-            continue
-        total = total + _reduce(site_log_prob(site), plate.dim, particle_dim)
-    return torch.as_tensor(total)
+    """Per data point and particle, ``(B, particles)``: :func:`~pyro_lpc.potential.plate_log_prob`."""
+    return torch.as_tensor(plate_log_prob(trace, plate.name, (plate.dim, particle_dim), sites))
 
 
 def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
     """Raise a ``ValueError`` unless every latent (and observed) site is local to the data plate
     and the guide samples exactly the model's latents, each inside the data plate."""
     latents = latent_sites(model_trace)
-    globals_ = [n for n in latents if plate.name not in _frames(model_trace.nodes[n])]
+    globals_ = [n for n in latents if not in_plate(model_trace.nodes[n], plate.name)]
     if globals_:
         raise ValueError(
             f"log_marginal_likelihood(method={method!r}) needs every latent site to be local to the "
@@ -121,7 +100,7 @@ def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
         )
     outside = [
         n for n, s in model_trace.nodes.items()
-        if s["type"] == "sample" and s["is_observed"] and not is_subsample(s) and plate.name not in _frames(s)
+        if s["type"] == "sample" and s["is_observed"] and not is_subsample(s) and not in_plate(s, plate.name)
     ]
     if outside:
         raise ValueError(
@@ -139,7 +118,7 @@ def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
             f"guide-only site(s) {unknown}, site(s) the guide leaves out {missing}. "
             "Pass guide=None to propose from the prior."
         )
-    bad = [n for n in guide_latents if plate.name not in _frames(guide_trace.nodes[n])]
+    bad = [n for n in guide_latents if not in_plate(guide_trace.nodes[n], plate.name)]
     if bad:
         raise ValueError(
             f"The guide samples site(s) {bad} outside the data plate '{plate.name}'; their density "
@@ -268,7 +247,7 @@ class _Tempered:
         with torch.enable_grad(), pyro.validation_enabled(False):
             values, ladj = self.energy.constrain(leaves)
             model_trace = self.energy.trace(values)
-            jac = sum(_reduce(ladj[n], self.plate.dim, self.particle_dim) for n in names)
+            jac = sum(sum_except(ladj[n], (self.plate.dim, self.particle_dim)) for n in names)
             log_p = _plate_log_prob(model_trace, self.plate, self.particle_dim) + jac
             if self.guide is not None:
                 guide_trace = poutine.trace(poutine.condition(self.guide, data=values)).get_trace(

@@ -195,10 +195,30 @@ def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
     return frames[subsampled[0]] if subsampled else frames[min(shared, key=lambda n: frames[n].dim)]
 
 
-def _per_point(value: torch.Tensor, plate_dim: int) -> torch.Tensor:
-    """Sum a log-density (batch shape) over every dim except the data plate's: shape (B,) or (1,)."""
-    value = value.reshape((1,) * max(0, -plate_dim - value.dim()) + value.shape)
-    return value.movedim(plate_dim, 0).reshape(value.shape[plate_dim], -1).sum(-1)
+def in_plate(site, plate_name: str) -> bool:
+    """Whether a trace site lies inside the plate named ``plate_name``."""
+    return any(f.name == plate_name for f in site["cond_indep_stack"])
+
+
+def sum_except(value: torch.Tensor, dims) -> torch.Tensor:
+    """Sum a log-density (batch shape) over every dim except ``dims`` (negative, e.g. the
+    data plate's), which come first in the given order; each has its size or 1 if broadcast."""
+    value = value.reshape((1,) * max(0, -min(dims) - value.dim()) + value.shape)
+    n = value.dim()
+    value = value.movedim(tuple(n + d for d in dims), tuple(range(len(dims))))
+    return value.reshape(value.shape[: len(dims)] + (-1,)).sum(-1)
+
+
+def plate_log_prob(trace: poutine.Trace, plate_name: str, dims, sites=None):
+    """Unscaled, masked ``Σ_s log p(s_i)`` over the sample sites of ``trace`` inside the plate
+    (all, or those named in ``sites``), reduced with :func:`sum_except` to ``dims``."""
+    total = 0.0
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or is_subsample(site) or not in_plate(site, plate_name):
+            continue
+        if sites is None or name in sites:
+            total = total + sum_except(site_log_prob(site), dims)
+    return total
 
 
 class ModelEnergy:
@@ -212,8 +232,9 @@ class ModelEnergy:
       ``U_i = -Σ_s log p(s_i | ...) - log|J_i|`` over the sites inside the data
       plate, **without** the plate's N/B subsampling scale: the posterior of a
       data point's latents involves only its own prior and likelihood.
-    * :meth:`global_energy` — ``-log p(x, z) - log|J|`` **with** Pyro's scales
-      (a stochastic-gradient estimate of the full-data energy).
+    * :meth:`joint_value_and_grad` — the above and, for the global latents,
+      ``-log p(x, z) - log|J|`` **with** Pyro's scales (a stochastic-gradient
+      estimate of the full-data energy), from one model evaluation.
     * :meth:`log_joint` — scaled ``log p_θ(x, z)`` with gradients to θ.
     """
 
@@ -232,8 +253,7 @@ class ModelEnergy:
                 )
             self.transforms[name] = biject_to(site["fn"].support).inv  # Pyro's convention
             self.event_dims[name] = site["fn"].event_dim
-            frames = [f.name for f in site["cond_indep_stack"]]
-            if self.plate is not None and self.plate.name in frames:
+            if self.plate is not None and in_plate(site, self.plate.name):
                 self.local.append(name)
                 self.chain_axis[name] = site["value"].dim() - site["fn"].event_dim + self.plate.dim
             else:
@@ -265,14 +285,10 @@ class ModelEnergy:
 
     def _local_terms(self, trace: poutine.Trace, ladj: Position) -> torch.Tensor:
         """``-Σ log p - log|J|`` per data point over the sites inside the data plate, unscaled."""
-        total = 0.0
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or is_subsample(site):
-                continue
-            if self.plate.name in [f.name for f in site["cond_indep_stack"]]:
-                total = total + _per_point(site_log_prob(site), self.plate.dim)
+        dims = (self.plate.dim,)
+        total = plate_log_prob(trace, self.plate.name, dims)
         for name in self.local:
-            total = total + _per_point(ladj[name], self.plate.dim)
+            total = total + sum_except(ladj[name], dims)
         return -total
 
     def local_energy(self, global_values: Position):
