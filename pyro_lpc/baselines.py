@@ -14,6 +14,7 @@ import pyro
 import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
+from . import distributed
 from .fit import FitResult, NonFiniteError, run_epochs
 
 OBJECTIVES = ("elbo", "iwae")
@@ -83,8 +84,16 @@ def fit_svi(
         size = args[0].shape[0] if args and torch.is_tensor(args[0]) else 1
         return {"epoch": epoch, "iteration": iteration, "elbo": -value / size}
 
+    group = distributed.replicas()
+    if group.world_size > 1:
+        raise NotImplementedError(
+            f"fit_svi runs in one process; this is rank {group.rank} of {group.world_size}. Train the "
+            "SVI baselines without torchrun (distributed training is supported by pyro_lpc.fit)."
+        )
+    base_seed, generator = group.streams(seed)
     history = run_epochs(
-        step, data, batch_size=batch_size, num_epochs=num_epochs, seed=seed, progress=progress,
+        step, data, batch_size=batch_size, num_epochs=num_epochs, group=group, base_seed=base_seed,
+        generator=generator, progress=progress,
         checkpoint_dir=checkpoint_dir, resume=resume, model=model, guide=guide,
         optims={"optim": optim}, desc=f"svi-{objective}", key="elbo",
     )

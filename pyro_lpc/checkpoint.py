@@ -94,6 +94,16 @@ def to_device(obj, device):
     return obj
 
 
+def register_params(model, guide, args, kwargs) -> None:
+    """Run ``guide`` and ``model`` once on a batch so that every ``pyro.param`` and
+    ``pyro.module`` is in the param store, leaving the random streams untouched."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=devices):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
+        replay = subsample_trace(guide_trace) if guide_trace is not None else None
+        poutine.trace(model if replay is None else poutine.replay(model, trace=replay)).get_trace(*args, **kwargs)
+
+
 def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "pyro.optim.PyroOptim"]) -> dict:
     """Restore a checkpoint into the live param store, ``optims`` and the RNGs.
 
@@ -102,10 +112,7 @@ def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "py
     its other tensors moved to the device of the model's parameters.
     """
     checkpoint = read_checkpoint(path)
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
-        replay = subsample_trace(guide_trace) if guide_trace is not None else None
-        poutine.trace(model if replay is None else poutine.replay(model, trace=replay)).get_trace(*args, **kwargs)
+    register_params(model, guide, args, kwargs)
     store = pyro.get_param_store()
     current = dict(store.named_parameters())
     with torch.no_grad():
@@ -119,4 +126,5 @@ def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "py
         optim.set_state(checkpoint["optims"][name])
     restore_rng(checkpoint["rng"])
     device = next(iter(current.values())).device if current else torch.device("cpu")
-    return {k: v if k in ("params", "optims", "rng") else to_device(v, device) for k, v in checkpoint.items()}
+    cpu_only = ("params", "optims", "rng", "rng_by_rank", "generator")
+    return {k: v if k in cpu_only else to_device(v, device) for k, v in checkpoint.items()}

@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from . import langevin
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import CHECKPOINT, load_checkpoint, register_params, restore_rng, save_checkpoint, save_rng
 from .potential import ModelEnergy, latent_sites, nonfinite_in_trace, subsample_trace
 from .warm_start import WarmStart
 
@@ -92,10 +93,11 @@ def _kept(keep, k: int, num_steps: int) -> bool:
     return k > keep
 
 
-def minibatches(data, batch_size, shuffle=True):
+def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Generator] = None):
     """Mini-batches of ``data`` for one epoch, as ``(args, kwargs)``: a tensor is split
-    along dim 0 (shuffled unless ``shuffle=False``); an iterable yields tuples
-    (``model(*batch)``), dicts (``model(**batch)``) or single arguments."""
+    along dim 0 (shuffled with ``generator``, a CPU generator, unless ``shuffle=False``);
+    an iterable yields tuples (``model(*batch)``), dicts (``model(**batch)``) or
+    single arguments."""
     if torch.is_tensor(data):
         if batch_size is None:
             raise ValueError("data is a tensor: give batch_size to split it into mini-batches.")
@@ -103,7 +105,7 @@ def minibatches(data, batch_size, shuffle=True):
             for chunk in data.split(batch_size):
                 yield (chunk,), {}
             return
-        order = torch.randperm(data.shape[0], device=data.device)
+        order = torch.randperm(data.shape[0], generator=generator).to(data.device)
         for idx in order.split(batch_size):
             yield (data[idx],), {}
         return
@@ -114,16 +116,6 @@ def minibatches(data, batch_size, shuffle=True):
             yield tuple(batch), {}
         else:
             yield (batch,), {}
-
-
-def _num_batches(data, batch_size) -> int:
-    """Mini-batches per epoch, or 0 when ``data`` does not say."""
-    if torch.is_tensor(data):
-        return -(-data.shape[0] // batch_size) if batch_size else 0
-    try:
-        return len(data)
-    except TypeError:
-        return 0
 
 
 def _shapes(args, kwargs):
@@ -143,8 +135,11 @@ class _Learner:
     """The state ``fit`` carries across mini-batches, and one iteration of the algorithm."""
 
     def __init__(self, model, warm, num_steps, step_size, global_step_size, precondition, adjust,
-                 keep, optim, guide_optim, data_plate):
+                 keep, optim, guide_optim, data_plate, group, generator):
         self.model, self.warm = model, warm
+        self.group = group  # the ranks training together (distributed.SingleProcess when alone)
+        self.generator = generator  # drawn alike on every rank: the global chain's noise
+        self.synced = False  # parameters broadcast from rank 0 yet?
         self.num_steps, self.step_size = num_steps, step_size
         self.global_step_size = global_step_size
         self.precondition, self.adjust, self.keep = precondition, adjust, keep
@@ -200,6 +195,7 @@ class _Learner:
         energy = ModelEnergy(self.model, args, kwargs, prototype, self.data_plate)
         self._check_sites(energy, guide_trace)
         if self.global_position is None and energy.globals:
+            self.group.broadcast([start[n] for n in energy.globals])  # one global chain for all ranks
             self.global_position = energy.unconstrain({n: start[n] for n in energy.globals})
             self.global_values = {n: start[n] for n in energy.globals}
         return guide_trace, energy, start
@@ -273,7 +269,8 @@ class _Learner:
         gradient instead of ``P = 1`` (which can be far too large a step)."""
         if self.precondition != "diagonal" or state.precond.count or not state.grad:
             return state
-        self.local_precond = langevin.refresh(langevin.accumulate(state.precond, state.grad, 1))
+        self.local_precond = langevin.accumulate(state.precond, state.grad, 1)
+        self._refresh()
         return state._replace(precond=self.local_precond)
 
     def _joint_chains(self, energy, local, local_precond, keep):
@@ -282,7 +279,7 @@ class _Learner:
         ``global_step_size``, by default ``step_size / N``: its posterior's curvature
         grows like N. (A gradient-RMS preconditioner turns its drift into a
         normalised-gradient step of fixed length, which measured far slower.)"""
-        (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(local, self.global_position)
+        (u_l, g_l), (u_g, g_g) = self._joint_value_and_grad(energy, local, self.global_position)
         global_step = self.global_step_size or self.step_size / energy.num_data()
         local_state = self._first_estimate(langevin.LangevinState(local, u_l, g_l, local_precond, 0))
         no_precond = langevin.init_preconditioner(None, self.global_position)
@@ -290,8 +287,9 @@ class _Learner:
         kept, diverged = [], []
         for k in range(1, self.num_steps + 1):
             lp, _, l_prop, _ = langevin.propose(local_state, self.step_size, batch_ndim=1)
-            _, _, g_prop, _ = langevin.propose(global_state, global_step)
-            (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(l_prop, g_prop)
+            noise = langevin.standard_normal(global_state.position, self.generator)
+            _, _, g_prop, _ = langevin.propose(global_state, global_step, noise=noise)
+            (u_l, g_l), (u_g, g_g) = self._joint_value_and_grad(energy, l_prop, g_prop)
             local_state = langevin.LangevinState(l_prop, u_l, g_l, lp, k)
             global_state = langevin.LangevinState(g_prop, u_g, g_g, no_precond, k)
             self._accumulate(local_state)
@@ -303,15 +301,24 @@ class _Learner:
         self._refresh()
         return kept, {"accept": None, "diverged": torch.stack(diverged)}
 
+    def _joint_value_and_grad(self, energy, local, global_):
+        """Local energies and gradients of this rank's chains; the global chain's
+        mini-batch energy and gradient averaged over ranks (the same on all)."""
+        (u_l, g_l), (u_g, g_g) = energy.joint_value_and_grad(local, global_)
+        u_g, *grads = self.group.average([u_g, *g_g.values()])
+        return (u_l, g_l), (u_g, dict(zip(g_g, grads)))
+
     def _accumulate(self, state):
         """Fold the local chains' gradients into the shared diagonal (P itself stays fixed)."""
         if self.precondition == "diagonal" and state.grad:
             self.local_precond = langevin.accumulate(self.local_precond, state.grad, batch_ndim=1)
 
     def _refresh(self):
-        """End of a chain: the shared diagonal takes up the new statistics."""
+        """End of a chain: the shared diagonal takes up the new statistics, averaged
+        over ranks (so every rank samples with the same ``P``)."""
         if self.precondition == "diagonal" and self.local_precond is not None:
-            self.local_precond = langevin.refresh(self.local_precond)
+            moments = self.group.average_dict(self.local_precond.second_moment)
+            self.local_precond = langevin.refresh(self.local_precond._replace(second_moment=moments))
 
     def theta_gradients(self, energy: ModelEnergy, kept):
         """Accumulate ``∇θ -mean_k log p_θ(x, z_k)`` one sample at a time (memory flat in K).
@@ -459,13 +466,16 @@ def fit(
     for name, o in (("optim", optim), ("guide_optim", guide_optim)):
         if not isinstance(o, pyro.optim.PyroOptim):
             raise TypeError(f"{name} must be a pyro.optim optimiser (e.g. pyro.optim.Adam), got {type(o).__name__}.")
+    group = distributed.replicas()
+    base_seed, generator = group.streams(seed)
     learner = _Learner(model, guide, num_steps, step_size, global_step_size, precondition, adjust,
-                       keep, optim, guide_optim, data_plate)
+                       keep, optim, guide_optim, data_plate, group, generator)
     def step(args, kwargs, iteration, epoch, history):
         return _iterate(learner, args, kwargs, iteration, epoch, history)
 
     history = run_epochs(
-        step, data, batch_size=batch_size, num_epochs=num_epochs, seed=seed, progress=progress,
+        step, data, batch_size=batch_size, num_epochs=num_epochs, group=group, base_seed=base_seed,
+        generator=generator, progress=progress,
         checkpoint_dir=checkpoint_dir, resume=resume, model=model, guide=guide,
         optims={"optim": optim, "guide_optim": guide_optim}, state=learner,
         on_epoch=None if recorder is None else lambda epoch: recorder.record(learner, epoch),
@@ -474,38 +484,43 @@ def fit(
     return FitResult(history, learner.state_dict())
 
 
-def run_epochs(step, data, *, batch_size, num_epochs, seed, progress, checkpoint_dir, resume, model,
-               guide, optims, state=None, on_epoch=None, desc="fit", key="log_joint") -> List[dict]:
+def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generator, progress, checkpoint_dir,
+               resume, model, guide, optims, state=None, on_epoch=None, desc="fit", key="log_joint") -> List[dict]:
     """The epoch loop shared by :func:`fit` and :func:`~pyro_lpc.baselines.fit_svi`.
 
     ``step(args, kwargs, iteration, epoch, history)`` trains on one mini-batch and
-    returns its history row (``time`` is added here). Seeds, resumes from and
-    writes a checkpoint after each epoch (params, ``optims``, RNGs, history and
-    ``state.state_dict()``), and shows a progress bar of ``key``.
+    returns its history row (``time`` is added here). Deals this rank its share
+    of each epoch (``group.shard``; a tensor is shuffled with ``generator``),
+    resumes from and writes (rank 0) a checkpoint after each epoch (params,
+    ``optims``, every rank's RNG states, ``generator``, history and
+    ``state.state_dict()``), and shows a progress bar of ``key`` on rank 0.
     """
     history: List[dict] = []
     start_epoch, elapsed = 0, 0.0
     path = os.path.join(checkpoint_dir, CHECKPOINT) if checkpoint_dir else None
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    def epoch_batches(epoch):
+        batches = minibatches(data, batch_size * group.world_size if batch_size else None, generator=generator)
+        return group.shard(batches, data, epoch)
+
     if resume:
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir.")
         if os.path.exists(path):
-            args, kwargs = next(iter(minibatches(data, batch_size)))
+            args, kwargs = next(iter(minibatches(data, batch_size, shuffle=False)))
             checkpoint = load_checkpoint(path, model, guide, args, kwargs, optims)
             if state is not None:
                 state.load_state_dict(checkpoint["sampler"])
             history.extend(checkpoint["history"])
             start_epoch, elapsed = checkpoint["epoch"], checkpoint["elapsed"]
+            _restore_streams(checkpoint, group, generator, start_epoch)
         else:
             warnings.warn(f"resume=True but no checkpoint at {path}; starting from scratch.")
     iteration = len(history)
     clock = time.perf_counter() - elapsed
-    bar = tqdm(total=_num_batches(data, batch_size) * num_epochs or None, initial=iteration,
-               disable=not progress, desc=desc, unit="it")
+    bar = tqdm(total=group.num_batches(data, batch_size) * num_epochs or None, initial=iteration,
+               disable=not (progress and group.is_main), desc=desc, unit="it")
     for epoch in range(start_epoch, num_epochs):
-        for args, kwargs in minibatches(data, batch_size):
+        for args, kwargs in epoch_batches(epoch):
             row = step(args, kwargs, iteration, epoch, history)
             row["time"] = time.perf_counter() - clock
             history.append(row)
@@ -516,19 +531,43 @@ def run_epochs(step, data, *, batch_size, num_epochs, seed, progress, checkpoint
             on_epoch(epoch)
         if path:
             extra = {} if state is None else {"sampler": state.state_dict()}
-            save_checkpoint(path, epoch=epoch + 1, elapsed=time.perf_counter() - clock,
-                            optims=optims, history=history, **extra)
+            rng_by_rank = group.gather_objects(save_rng())
+            if group.is_main:
+                save_checkpoint(path, epoch=epoch + 1, elapsed=time.perf_counter() - clock,
+                                optims=optims, history=history, rng_by_rank=rng_by_rank, base_seed=base_seed,
+                                generator=generator.get_state(), **extra)
     bar.close()
     return history
 
 
+def _restore_streams(checkpoint, group, generator, epoch):
+    """Continue every rank's random streams from a checkpoint: bit for bit under the
+    same world size, from fresh streams derived from the run's seed under another."""
+    generator.set_state(checkpoint["generator"].cpu())
+    by_rank = checkpoint["rng_by_rank"]
+    if len(by_rank) == group.world_size:
+        restore_rng(by_rank[group.rank])
+    else:
+        group.reseed(checkpoint["base_seed"], epoch)
+
+
 def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict:
     """One LPC iteration on a mini-batch; nothing is updated unless everything is finite."""
+    if not learner.synced:
+        _broadcast_params(learner, args, kwargs)
     guide_trace, energy, start = learner.chain_start(args, kwargs, iteration)
     with torch.no_grad():
         kept, stats = learner.run_chains(energy, start)
     params, grads, log_joint, trace = learner.theta_gradients(energy, kept)
     g_params, g_grads, guide_loss = learner.guide_gradients(energy, guide_trace, kept, args, kwargs, params)
+    accept = stats["accept"].mean() if learner.adjust else None
+    # one all-reduce: every rank steps with the gradients and reports the figures of the global batch
+    n, m = len(grads), len(g_grads)
+    reduced = learner.group.average(
+        list(grads) + list(g_grads) + [log_joint, guide_loss, accept],
+        like=list(params.values()) + list(g_params.values()) + [log_joint] * 3,
+    )
+    grads, g_grads, (log_joint, guide_loss, accept) = reduced[:n], reduced[n:n + m], reduced[n + m:]
     checks = [log_joint] + list(grads) + list(g_grads) + ([guide_loss] if guide_loss is not None else [])
     if not _all_finite(checks):
         _raise_nonfinite(learner, energy, trace, stats, iteration, history)
@@ -543,8 +582,20 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
         "num_steps": learner.num_steps,
     }
     if learner.adjust:
-        row["accept_rate"] = stats["accept"].mean().item()
+        row["accept_rate"] = accept.item()
     return row
+
+
+def _broadcast_params(learner: _Learner, args, kwargs):
+    """Start every rank from rank 0's parameters (as ``DistributedDataParallel`` does)."""
+    learner.synced = True
+    if learner.group.world_size == 1:
+        return
+    register_params(learner.model, learner.warm, args, kwargs)
+    store = pyro.get_param_store()
+    names = sorted(store.keys())
+    learner.group.check_same("The set of Pyro parameters", names)
+    learner.group.broadcast([store.get_param(name).unconstrained() for name in names])
 
 
 def _raise_nonfinite(learner, energy, trace, stats, iteration, history):

@@ -257,22 +257,31 @@ def init(
     return LangevinState(dict(position), potential, grad, precond, 0)
 
 
-def propose(state: LangevinState, step_size: float, batch_ndim: int = 0):
+def standard_normal(like: Position, generator: Optional[torch.Generator] = None) -> Position:
+    """``ξ ~ N(0, I)`` shaped like each tensor of ``like``, from the default RNG or
+    from a (CPU) ``generator``."""
+    if generator is None:
+        return {name: torch.randn_like(z) for name, z in like.items()}
+    return {name: torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) for name, z in like.items()}
+
+
+def propose(state: LangevinState, step_size: float, batch_ndim: int = 0, noise: Optional[Position] = None):
     """The Langevin proposal ``z - η P ⊙ d + sqrt(2ηP) ⊙ ξ`` from ``state``.
 
     Returns ``(precond, direction, proposal, noise)``: the preconditioner used
     (the per-chain kinds first fold in the current gradient), the drift direction
     ``d`` (the gradient, or ``m̂`` for ``"adam"``), the proposed position and the
-    noise ``ξ`` (so ``log q(z'|z) = -‖ξ‖²/2 + const``).
+    noise ``ξ`` (so ``log q(z'|z) = -‖ξ‖²/2 + const``), drawn by
+    :func:`standard_normal` unless given.
     """
     precond = state.precond
     if precond.kind in ("rmsprop", "adam"):
         precond = refresh(accumulate(precond, state.grad, batch_ndim))
     direction = _drift_direction(precond, state.grad)
-    proposal, noise = {}, {}
+    noise = standard_normal(state.position) if noise is None else noise
+    proposal = {}
     for name, z in state.position.items():
         scale = _scale_of(precond, name, z)
-        noise[name] = torch.randn_like(z)
         proposal[name] = z - step_size * scale * direction[name] + (2.0 * step_size * scale).sqrt() * noise[name]
     return precond, direction, proposal, noise
 
