@@ -14,7 +14,8 @@ several ranks on its shards see *the same chain noise*:
   global batch, drawn from a generator seeded by ``c``, of which each rank takes
   its own rows (contiguous shards, as ``fit`` deals a tensor).
 
-Each rank writes ``OUT/rank{r}.pt`` with its parameters, global chain and history.
+With ``--own-noise`` the Langevin noise comes from fit's own per-rank random
+streams (what resuming must continue bit for bit). Each rank writes ``OUT/rank{r}.pt`` with its parameters, global chain and history.
 """
 import argparse
 import os
@@ -62,6 +63,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--own-noise", action="store_true",
+                        help="Langevin noise from fit's own per-rank streams instead of the shared table")
     parser.add_argument("--fail-at", type=int, default=None, help="rank 1 raises at this iteration")
     options = parser.parse_args()
     torch.set_num_threads(1)
@@ -101,13 +104,15 @@ def main():
             out[name] = full[rank * z.shape[0]:(rank + 1) * z.shape[0]]
         return out
 
-    langevin.standard_normal = shared_local_noise
+    if not options.own_noise:
+        langevin.standard_normal = shared_local_noise
     result = pyro_lpc.fit(
         model, guide, make_data(), batch_size=options.batch_size, num_epochs=options.epochs,
         num_steps=5, step_size=0.02, seed=1, progress=False, checkpoint_dir=options.out,
         resume=options.resume,
     )
     params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    os.makedirs(options.out, exist_ok=True)
     torch.save({"params": params, "history": result.history, "sampler": result.sampler_state},
                os.path.join(options.out, f"rank{rank}.pt"))
 
