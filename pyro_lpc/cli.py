@@ -10,6 +10,12 @@ very same model and guide with Pyro's ``SVI`` (``Trace_ELBO``;
 ``RenyiELBO(alpha=0)`` with k particles). A run directory holds
 ``config.json``, ``checkpoint.pt``, ``history.jsonl``, ``metrics.json``,
 ``samples.png``, ``reconstructions.png`` and ``curves.png``.
+
+Several processes train one LPC run data-parallel when launched by ``torchrun``::
+
+    torchrun --standalone --nproc-per-node 2 -m pyro_lpc train --dataset mnist
+
+(``--batch-size`` is per process; rank 0 writes the run directory.)
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from typing import List, Optional
 import pyro
 import torch
 
-from . import __version__
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from . import __version__, distributed
 from .baselines import fit_svi
 from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint
 from .data import DATASETS, load_dataset
@@ -64,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mlp or conv (default: mlp for grey-scale, conv for colour data)")
     train.add_argument("--latent-dim", type=int, default=None, help="default 16 (digits), 50 (mlp), 64 (conv)")
     train.add_argument("--epochs", type=int, default=None, help="default 150 for digits, 10 otherwise")
-    train.add_argument("--batch-size", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=100,
+                       help="per process: under torchrun the global batch is nproc × this")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of model and guide")
     train.add_argument("--num-steps", type=int, default=20, help="Langevin steps K per mini-batch")
     train.add_argument("--step-size", type=float, default=1e-2, help="Langevin step size η")
@@ -143,34 +152,33 @@ def _model(config, image_shape):
                      likelihood="bernoulli")
 
 
-def _loader(dataset, batch_size, shuffle=True):
+def _loader(dataset, batch_size, shuffle=True, group=None, seed=0):
+    """Batches of ``dataset``; under torchrun each rank's share through a ``DistributedSampler``."""
+    if group is not None and group.world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank,
+                                                      shuffle=shuffle, seed=seed)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False)
 
 
 # -- commands --------------------------------------------------------------------------------
 def train(args) -> int:
-    out = args.out or _default_run_dir(args.dataset, args.method, existing=args.resume)
-    config_path = os.path.join(out, CONFIG)
-    if args.resume:
-        if not os.path.exists(config_path):
-            raise SystemExit(f"pyro-lpc: --resume: no run to continue in {out} (missing {CONFIG}).")
-        with open(config_path) as f:
-            config = json.load(f)
-        if args.epochs is not None:
-            config["epochs"] = args.epochs
-        read_checkpoint(os.path.join(out, CHECKPOINT))  # fails cleanly, before anything is written
-    else:
-        config = _config_from_args(args)
-        if os.path.exists(os.path.join(out, CHECKPOINT)):
-            raise SystemExit(f"pyro-lpc: {out} already holds a run; use --resume to continue it or --out elsewhere.")
-    train_set = _data(config, "train", binarize="dynamic")
-    os.makedirs(out, exist_ok=True)
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
+    group = distributed.replicas()
+    if group.world_size > 1 and args.method != "lpc":
+        raise NotImplementedError(f"--method {args.method} trains in one process; run it without torchrun.")
+    if group.is_main:
+        out = args.out or _default_run_dir(args.dataset, args.method, existing=args.resume)
+        config = _run_config(args, out)
+    out, config = group.broadcast_object((out, config) if group.is_main else None)
+    train_set = _data(config, "train", binarize="dynamic")  # fails cleanly, before anything is written
+    if group.is_main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
     pyro.clear_param_store()
     dlgm = _model(config, train_set.info.image_shape)
-    loader = _loader(train_set, config["batch_size"])
-    common = dict(num_epochs=config["epochs"], seed=config["seed"], progress=not args.quiet,
+    loader = _loader(train_set, config["batch_size"], group=group, seed=config["seed"])
+    common = dict(num_epochs=config["epochs"], seed=config["seed"], progress=not args.quiet and group.is_main,
                   checkpoint_dir=out, resume=args.resume)
     optim = lambda: pyro.optim.Adam({"lr": config["lr"]})  # noqa: E731
     started = time.perf_counter()
@@ -184,14 +192,35 @@ def train(args) -> int:
         objective = "elbo" if config["method"] == "vae" else "iwae"
         result = fit_svi(dlgm.model, dlgm.guide, loader, objective=objective, num_particles=config["particles"],
                          optim=optim(), **common)
+    if not group.is_main:
+        return 0
     with open(os.path.join(out, HISTORY), "w") as f:
         for row in result.history:
             f.write(json.dumps(row) + "\n")
     _plot_curves(result.history, os.path.join(out, "curves.png"))
     written = _evaluate_run(out, config, dlgm, train_set, progress=not args.quiet)
     print(f"pyro-lpc: trained {config['method']} on {config['dataset']} for {config['epochs']} epochs "
-          f"in {time.perf_counter() - started:.0f} s; wrote {', '.join(written)} in {out}")
+          f"in {time.perf_counter() - started:.0f} s on {group.world_size} process(es); "
+          f"wrote {', '.join(written)} in {out}")
     return 0
+
+
+def _run_config(args, out) -> dict:
+    """The configuration of a new run in ``out``, or of the run there to resume (checked)."""
+    config_path = os.path.join(out, CONFIG)
+    if args.resume:
+        if not os.path.exists(config_path):
+            raise SystemExit(f"pyro-lpc: --resume: no run to continue in {out} (missing {CONFIG}).")
+        with open(config_path) as f:
+            config = json.load(f)
+        if args.epochs is not None:
+            config["epochs"] = args.epochs
+        read_checkpoint(os.path.join(out, CHECKPOINT))  # fails cleanly, before anything is written
+    else:
+        config = _config_from_args(args)
+        if os.path.exists(os.path.join(out, CHECKPOINT)):
+            raise SystemExit(f"pyro-lpc: {out} already holds a run; use --resume to continue it or --out elsewhere.")
+    return config
 
 
 def _default_run_dir(dataset, method, existing=False):
@@ -306,11 +335,12 @@ def _plot_curves(history, path):
     plt.close(fig)
 
 
+@record
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": train, "evaluate": evaluate, "sample": sample}[args.command](args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, NotImplementedError) as error:
         print(f"pyro-lpc: error: {error}", file=sys.stderr)
         return 2
 

@@ -574,7 +574,8 @@ def frechet_distance(real_features, fake_features) -> float:
         raise ValueError(f"feature dimensions differ: {real.shape[1]} (real) vs {fake.shape[1]} (fake).")
     if real.shape[0] < 2 or fake.shape[0] < 2:
         raise ValueError("frechet_distance needs at least 2 samples in each set.")
-    metric = FrechetInceptionDistance(feature=_Identity(real.shape[1])).to(real.device)
+    # the features given are the whole sample: never gathered from other ranks of a process group
+    metric = FrechetInceptionDistance(feature=_Identity(real.shape[1]), sync_on_compute=False).to(real.device)
     metric.update(real, real=True)
     metric.update(fake.to(real.device), real=False)
     return max(float(metric.compute()), 0.0)

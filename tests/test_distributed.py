@@ -132,3 +132,31 @@ def test_a_tensor_global_batch_is_split_into_contiguous_shards():
     assert shards == [[[0.0, 1.0], [4.0, 5.0]], [[2.0, 3.0], [6.0, 7.0]]]
     # num_batches agrees with what is dealt for data of 9 rows and batch size 2 per rank
     assert FakeRank(0, 2).num_batches(data[:9], 2) == 2
+
+
+def run_cli(*argv, ranks=1, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    return subprocess.run([*launch, "-m", "pyro_lpc", *argv], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env, cwd=cwd)
+
+
+def test_the_cli_trains_under_torchrun_and_resumes_in_one_process(tmp_path):
+    ok(run_cli("train", "--epochs", "1", "--out", "run", "--quiet", "--eval-samples", "10", ranks=2, cwd=tmp_path))
+    run = tmp_path / "run"
+    for name in ("config.json", "checkpoint.pt", "history.jsonl", "metrics.json", "samples.png"):
+        assert (run / name).exists(), name
+    # digits: 1,500 training images, 750 per rank in batches of 100 -> 8 iterations per epoch
+    assert len((run / "history.jsonl").read_text().splitlines()) == 8
+    ok(run_cli("train", "--resume", "--epochs", "2", "--out", "run", "--quiet", "--eval-samples", "10", cwd=tmp_path))
+    # one process takes batches of 100 of all 1,500 images: 15 more iterations
+    assert len((run / "history.jsonl").read_text().splitlines()) == 8 + 15
+
+
+def test_the_svi_baselines_refuse_torchrun_with_a_clear_error(tmp_path):
+    completed = run_cli("train", "--method", "vae", "--epochs", "1", "--out", "run", ranks=2, cwd=tmp_path)
+    assert completed.returncode != 0
+    assert "--method vae trains in one process; run it without torchrun" in completed.stderr
+    assert not (tmp_path / "run").exists()
