@@ -405,6 +405,8 @@ def fit(
     ``optim`` step on ``-mean_k log p_θ(x, z_k)`` over the kept samples and φ one
     ``guide_optim`` step on the warm-start objective. See the module docstring
     for how local and global latents and subsampled plates are treated.
+    Under ``torchrun`` the processes train data-parallel
+    (:mod:`pyro_lpc.distributed`).
 
     :param model: a Pyro model; θ is every ``pyro.param``/``pyro.module`` it uses.
     :param guide: an amortised guide (or a :class:`~pyro_lpc.WarmStart`); φ is
@@ -427,7 +429,9 @@ def fit(
     :param keep: which samples feed θ: ``"all"``, ``"last"`` or an int burn-in.
     :param optim: a ``pyro.optim`` optimiser for θ (default Adam, lr 1e-3).
     :param guide_optim: the same for φ (default Adam, lr 1e-3).
-    :param int seed: seeds Pyro's RNGs before training.
+    :param int batch_size: mini-batch size (per process under ``torchrun``).
+    :param int seed: seeds Pyro's RNGs before training (rank ``r`` of several
+        processes: an independent stream derived from it).
     :param str checkpoint_dir: save a checkpoint there after each epoch.
     :param bool resume: continue from the checkpoint in ``checkpoint_dir``.
     :param str data_plate: name of the plate over data points (default: inferred).
