@@ -32,7 +32,8 @@ class ChainRecorder:
     :param batch: the chosen data points, a tensor ``(B, ...)`` or a tuple of
         tensors passed as ``model(*batch)``.
     :param int num_chains: independent chains per data point.
-    :param int num_steps: steps to record (default: the ``fit`` run's K).
+    :param int num_steps: steps to record (default: the ``fit`` run's K, its
+        largest with an adaptive schedule).
 
     After ``fit(..., recorder=recorder)``, ``recorder.records[epoch]`` is an
     ``arviz.InferenceData`` with dims ``(chain, draw, point, ...)``.
@@ -70,7 +71,7 @@ class ChainRecorder:
         saved, rng = learner.state_dict(), save_rng()
         num_steps = learner.num_steps
         try:
-            learner.num_steps = self.num_steps or num_steps
+            learner.num_steps = self.num_steps or learner.schedule.max_steps
             with torch.no_grad():
                 _, energy, start = learner.chain_start(replicated, {}, iteration=f"record-{label}")
                 samples, _ = learner.run_chains(energy, start, keep="all", move_globals=False)

@@ -34,6 +34,7 @@ from . import langevin
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, register_params, restore_rng, save_checkpoint, save_rng
 from .potential import ModelEnergy, latent_sites, nonfinite_in_trace, subsample_trace
+from .schedule import AdaptiveSteps, StepSizeAdaptation, steps_schedule
 from .warm_start import WarmStart
 
 
@@ -74,23 +75,30 @@ class FitResult:
         return f"FitResult({len(self.history)} iterations, last={last})"
 
 
-def _check_keep(keep, num_steps):
-    if keep in ("all", "last"):
+def _check_keep(keep, max_steps):
+    if keep in ("all", "last") or isinstance(keep, slice):
         return keep
-    if isinstance(keep, int) and not isinstance(keep, bool) and 0 <= keep < num_steps:
+    if isinstance(keep, int) and not isinstance(keep, bool) and 0 <= keep < max(max_steps, 1):
         return keep
     raise ValueError(
-        f"keep must be 'all', 'last' or an integer burn-in in [0, num_steps={num_steps}), got {keep!r}."
+        f"keep must be 'all', 'last', an integer burn-in in [0, num_steps={max_steps}) or a slice of "
+        f"the samples (e.g. slice(4, None, 5): every 5th), got {keep!r}."
     )
 
 
-def _kept(keep, k: int, num_steps: int) -> bool:
-    """Whether the sample after step ``k`` (1-based) feeds the θ gradient."""
+def _kept_steps(keep, num_steps: int) -> set:
+    """The steps ``k`` (1-based) whose samples feed the θ gradient; the last when
+    ``keep`` selects none of ``num_steps`` (a burn-in or slice beyond a short chain)."""
+    steps = list(range(1, num_steps + 1))
     if keep == "all":
-        return True
-    if keep == "last":
-        return k == num_steps
-    return k > keep
+        chosen = steps
+    elif keep == "last":
+        chosen = steps[-1:]
+    elif isinstance(keep, slice):
+        chosen = steps[keep]
+    else:
+        chosen = steps[keep:]
+    return set(chosen or steps[-1:])
 
 
 def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Generator] = None):
@@ -134,13 +142,15 @@ def _param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
 class _Learner:
     """The state ``fit`` carries across mini-batches, and one iteration of the algorithm."""
 
-    def __init__(self, model, warm, num_steps, step_size, global_step_size, precondition, adjust,
-                 keep, optim, guide_optim, data_plate, group, generator):
+    def __init__(self, model, warm, schedule, step_size, global_step_size, precondition, adjust,
+                 keep, optim, guide_optim, data_plate, group, generator, adaptation=None):
         self.model, self.warm = model, warm
         self.group = group  # the ranks training together (distributed.SingleProcess when alone)
         self.generator = generator  # drawn alike on every rank: the global chain's noise
         self.synced = False  # parameters broadcast from rank 0 yet?
-        self.num_steps, self.step_size = num_steps, step_size
+        self.schedule = schedule  # K per mini-batch (schedule.FixedSteps / AdaptiveSteps)
+        self.num_steps, self.step_size = schedule.max_steps, step_size  # this iteration's K and η
+        self.adaptation = adaptation  # schedule.StepSizeAdaptation of η, or None
         self.global_step_size = global_step_size
         self.precondition, self.adjust, self.keep = precondition, adjust, keep
         self.optim, self.guide_optim = optim, guide_optim
@@ -156,12 +166,18 @@ class _Learner:
             "local_precond": self.local_precond,
             "global_position": self.global_position,
             "global_values": self.global_values,
+            "schedule": self.schedule.state_dict(),
+            "adaptation": self.adaptation.state_dict() if self.adaptation else None,
         }
 
     def load_state_dict(self, state):
         self.local_precond = state["local_precond"]
         self.global_position = state["global_position"]
         self.global_values = state["global_values"]
+        self.schedule.load_state_dict(state["schedule"])
+        if self.adaptation:
+            self.adaptation.load_state_dict(state["adaptation"])
+            self.step_size = self.adaptation.step_size
 
     # -- one iteration ------------------------------------------------------------------
     def chain_start(self, args, kwargs, iteration):
@@ -213,6 +229,12 @@ class _Learner:
                 f"{energy.plate.name if energy.plate else 'None'!r}); their persistent chains "
                 "use mini-batch energies, which admit no Metropolis test. Use adjust=False."
             )
+        if self.adaptation and energy.globals:
+            raise ValueError(
+                f"target_accept adapts η from the local chains' Metropolis acceptance, which is not "
+                f"computed when global latents {energy.globals} move jointly with them. Use a fixed "
+                "step_size (target_accept=None)."
+            )
         if guide_trace is None:
             return
         guide_sites = set(latent_sites(guide_trace))
@@ -231,11 +253,13 @@ class _Learner:
             )
 
     def run_chains(self, energy: ModelEnergy, start, keep=None, move_globals=True):
-        """K Langevin steps; returns the kept samples (constrained, detached) and chain stats.
+        """K Langevin steps; returns the kept samples (constrained, detached) and chain
+        stats: per-step mean acceptance probability, divergence flags, and the mean
+        energy drop ``U(z_0) - U(z_K)`` of the local chains.
 
         ``keep`` overrides the learner's choice; ``move_globals=False`` holds the
         global latents at their current values (diagnostics record local chains)."""
-        keep = self.keep if keep is None else keep
+        keep = _kept_steps(self.keep if keep is None else keep, self.num_steps)
         local = energy.unconstrain({n: start[n] for n in energy.local})
         local_precond = self._preconditioner(local)
         if energy.globals and move_globals:
@@ -243,16 +267,18 @@ class _Learner:
         vag = langevin.value_and_grad(energy.local_energy(self.global_values))
         state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
         state = self._first_estimate(state)
+        initial = state.potential
         kept, accept, diverged = [], [], []
         for k in range(1, self.num_steps + 1):
             state, info = langevin.step(state, vag, self.step_size, adjust=self.adjust, batch_ndim=1)
             self._accumulate(state)
             accept.append(info.accept_prob.mean())
             diverged.append(info.diverged.any())
-            if _kept(keep, k, self.num_steps):
+            if k in keep:
                 kept.append({**energy.constrain(state.position)[0], **self.global_values})
         self._refresh()
-        stats = {"accept": torch.stack(accept), "diverged": torch.stack(diverged)}
+        stats = {"accept": torch.stack(accept), "diverged": torch.stack(diverged),
+                 "energy_drop": (initial - state.potential).mean()}
         return kept, stats
 
     def _preconditioner(self, local):
@@ -284,6 +310,7 @@ class _Learner:
         local_state = self._first_estimate(langevin.LangevinState(local, u_l, g_l, local_precond, 0))
         no_precond = langevin.init_preconditioner(None, self.global_position)
         global_state = langevin.LangevinState(self.global_position, u_g, g_g, no_precond, 0)
+        initial = u_l
         kept, diverged = [], []
         for k in range(1, self.num_steps + 1):
             lp, _, l_prop, _ = langevin.propose(local_state, self.step_size, batch_ndim=1)
@@ -294,12 +321,20 @@ class _Learner:
             global_state = langevin.LangevinState(g_prop, u_g, g_g, no_precond, k)
             self._accumulate(local_state)
             diverged.append(~torch.isfinite(u_g))
-            if _kept(keep, k, self.num_steps):
+            if k in keep:
                 kept.append(energy.constrain({**l_prop, **g_prop})[0])
         self.global_position = global_state.position
         self.global_values = energy.constrain(global_state.position)[0]
         self._refresh()
-        return kept, {"accept": None, "diverged": torch.stack(diverged)}
+        drop = None if initial is None else (initial - u_l).mean()
+        return kept, {"accept": None, "diverged": torch.stack(diverged), "energy_drop": drop}
+
+    def adapt(self, row: dict) -> None:
+        """After an iteration: the schedule takes its energy drop, η its acceptance rate."""
+        if row["energy_drop"] is not None:
+            self.schedule.update(row["energy_drop"])
+        if self.adaptation and "accept_rate" in row:
+            self.step_size = self.adaptation.update(row["accept_rate"])
 
     def _joint_value_and_grad(self, energy, local, global_):
         """Local energies and gradients of this rank's chains; the global chain's
@@ -380,13 +415,14 @@ def fit(
     data=None,
     *,
     num_epochs: int = 1,
-    num_steps: int = 20,
+    num_steps: Union[int, str, AdaptiveSteps] = 20,
     step_size: float = 1e-2,
+    target_accept: Optional[float] = None,
     global_step_size: Optional[float] = None,
     precondition: Optional[str] = "diagonal",
     adjust: bool = False,
     warm_start: str = "jeffreys",
-    keep: Union[str, int] = "all",
+    keep: Union[str, int, slice] = "all",
     optim=None,
     guide_optim=None,
     batch_size: Optional[int] = None,
@@ -414,8 +450,16 @@ def fit(
     :param data: an iterable of batches (a tuple/list batch is passed as
         ``model(*batch)``, a dict as ``model(**batch)``) or a tensor split into
         shuffled mini-batches of ``batch_size`` each epoch.
-    :param int num_steps: Langevin steps K per mini-batch.
-    :param float step_size: Langevin step size η of the local chains.
+    :param num_steps: Langevin steps K per mini-batch: an int (0: θ steps on the
+        guide's draws), ``"auto"`` (:class:`~pyro_lpc.schedule.AdaptiveSteps`: up
+        to 20, more while the chains still lower the energy of the guide's draws
+        by over 1 nat per data point, fewer — down to 0 — once they do not) or an
+        :class:`~pyro_lpc.schedule.AdaptiveSteps`.
+    :param float step_size: Langevin step size η of the local chains (the
+        initial one with ``target_accept``).
+    :param float target_accept: adapt η after every iteration so that the local
+        chains' mean MALA acceptance probability tracks this value
+        (:class:`~pyro_lpc.schedule.StepSizeAdaptation`); ``None``: η fixed.
     :param float global_step_size: step size of the global chain, plain SGLD
         (default ``step_size / N``, N the data plate's full size: a global
         posterior's curvature grows like N). ``precondition`` applies to the
@@ -426,7 +470,8 @@ def fit(
     :param bool adjust: Metropolis-adjust the local chains (MALA).
     :param str warm_start: the guide's objective, ``"forward"``, ``"reverse"``
         or ``"jeffreys"`` (ignored when ``guide`` is a ``WarmStart``).
-    :param keep: which samples feed θ: ``"all"``, ``"last"`` or an int burn-in.
+    :param keep: which samples feed θ: ``"all"``, ``"last"``, an int burn-in or a
+        ``slice`` of the K samples (``slice(4, None, 5)``: every 5th).
     :param optim: a ``pyro.optim`` optimiser for θ (default Adam, lr 1e-3).
     :param guide_optim: the same for φ (default Adam, lr 1e-3).
     :param int batch_size: mini-batch size (per process under ``torchrun``).
@@ -453,14 +498,13 @@ def fit(
         >>> len(result.history)
         2
     """
-    num_steps = int(num_steps)
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+    schedule = steps_schedule(num_steps)
     step_size = langevin.check_step_size(step_size)
+    adaptation = None if target_accept is None else StepSizeAdaptation(step_size, target_accept)
     if global_step_size is not None:
         global_step_size = langevin.check_step_size(global_step_size)
     langevin.check_precondition(precondition, adjust)
-    keep = _check_keep(keep, num_steps)
+    keep = _check_keep(keep, schedule.max_steps)
     if data is None:
         raise ValueError("fit needs data: an iterable of batches or a tensor with batch_size.")
     if guide is not None and not isinstance(guide, WarmStart):
@@ -472,8 +516,8 @@ def fit(
             raise TypeError(f"{name} must be a pyro.optim optimiser (e.g. pyro.optim.Adam), got {type(o).__name__}.")
     group = distributed.replicas()
     base_seed, generator = group.streams(seed)
-    learner = _Learner(model, guide, num_steps, step_size, global_step_size, precondition, adjust,
-                       keep, optim, guide_optim, data_plate, group, generator)
+    learner = _Learner(model, guide, schedule, step_size, global_step_size, precondition, adjust,
+                       keep, optim, guide_optim, data_plate, group, generator, adaptation)
     def step(args, kwargs, iteration, epoch, history):
         return _iterate(learner, args, kwargs, iteration, epoch, history)
 
@@ -560,18 +604,23 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
     if not learner.synced:
         _broadcast_params(learner, args, kwargs)
     guide_trace, energy, start = learner.chain_start(args, kwargs, iteration)
-    with torch.no_grad():
-        kept, stats = learner.run_chains(energy, start)
+    learner.num_steps = learner.schedule(iteration)
+    if learner.num_steps:
+        with torch.no_grad():
+            kept, stats = learner.run_chains(energy, start)
+    else:  # no chains: θ steps on the guide's draws
+        kept, stats = [start], {"accept": None, "diverged": torch.zeros(0, dtype=torch.bool), "energy_drop": None}
     params, grads, log_joint, trace = learner.theta_gradients(energy, kept)
     g_params, g_grads, guide_loss = learner.guide_gradients(energy, guide_trace, kept, args, kwargs, params)
-    accept = stats["accept"].mean() if learner.adjust else None
-    # one all-reduce: every rank steps with the gradients and reports the figures of the global batch
+    accept = None if stats["accept"] is None else stats["accept"].mean()
+    # one all-reduce: every rank steps with the gradients, reports the figures of the global batch
+    # and adapts K and η alike
     n, m = len(grads), len(g_grads)
     reduced = learner.group.average(
-        list(grads) + list(g_grads) + [log_joint, guide_loss, accept],
-        like=list(params.values()) + list(g_params.values()) + [log_joint] * 3,
+        list(grads) + list(g_grads) + [log_joint, guide_loss, accept, stats["energy_drop"]],
+        like=list(params.values()) + list(g_params.values()) + [log_joint] * 4,
     )
-    grads, g_grads, (log_joint, guide_loss, accept) = reduced[:n], reduced[n:n + m], reduced[n + m:]
+    grads, g_grads, (log_joint, guide_loss, accept, drop) = reduced[:n], reduced[n:n + m], reduced[n + m:]
     checks = [log_joint] + list(grads) + list(g_grads) + ([guide_loss] if guide_loss is not None else [])
     if not _all_finite(checks):
         _raise_nonfinite(learner, energy, trace, stats, iteration, history)
@@ -584,9 +633,11 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
         "guide_loss": None if guide_loss is None else guide_loss.item(),
         "step_size": learner.step_size,
         "num_steps": learner.num_steps,
+        "energy_drop": None if drop is None else drop.item(),
     }
-    if learner.adjust:
+    if accept is not None and (learner.adjust or learner.adaptation):
         row["accept_rate"] = accept.item()
+    learner.adapt(row)
     return row
 
 

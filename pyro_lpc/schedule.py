@@ -1,0 +1,158 @@
+r"""How much inference ``fit`` spends per mini-batch: adaptive Langevin steps and step size.
+
+**Steps** (:class:`AdaptiveSteps`, ``fit(num_steps="auto")``). Langevin steps
+pay when they move the guide's draws to markedly more probable latents. After
+each iteration that ran chains, ``fit`` reports the *energy drop*
+
+.. math:: Δ = \frac{1}{B} \sum_i \big[U_i(z_i^{(0)}) - U_i(z_i^{(K)})\big]
+   \quad\text{(nats per data point, } z^{(0)} \text{ the guide's draw)},
+
+an estimate of how far the guide's samples still are from the chain's in
+log-joint. While ``Δ > tolerance`` the guide leaves much to correct and ``K``
+doubles (up to ``max_steps``); when ``Δ < tolerance / 2`` the steps hardly
+change the samples and ``K`` halves, down to ``min_steps`` (0 by default:
+θ then steps on the guide's draws, at the cost of a VAE iteration). At ``K = 0``
+no drop is measured, so every ``probe_every``-th iteration runs ``probe_steps``
+steps anyway (its samples also train θ) and the schedule decides again.
+
+**Step size** (:class:`StepSizeAdaptation`, ``fit(target_accept=...)``). The
+MALA acceptance probability of a Langevin proposal measures its discretisation
+error (it is computed for ULA too). After each iteration the local step size
+moves as ``log η ← log η + γ (ā − target)``, ``ā`` the mean acceptance
+probability over the iteration's chains and steps: a constant-gain
+Robbins–Monro recursion, which keeps tracking as θ changes the posterior (the
+kernel's dual averaging, by contrast, converges and freezes).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+
+class AdaptiveSteps:
+    """Langevin steps per mini-batch driven by the energy drop (see the module docstring).
+
+    :param int max_steps: most steps per mini-batch.
+    :param int min_steps: fewest (0: θ may step on the guide's draws).
+    :param int initial: steps of the first iteration (default ``max_steps``).
+    :param float tolerance: energy drop, in nats per data point, above which steps
+        are doubled; below half of it they are halved.
+    :param int probe_every: at ``K = 0``, run chains every this many iterations.
+    :param int probe_steps: steps of such a probe (default ``max(1, max_steps // 4)``).
+
+    Example::
+
+        >>> steps = AdaptiveSteps(max_steps=8, tolerance=1.0)
+        >>> [steps(0), steps.update(5.0), steps.update(0.1), steps.update(0.1), steps.update(0.1)]
+        [8, 8, 4, 2, 1]
+    """
+
+    def __init__(self, max_steps: int = 20, min_steps: int = 0, initial: Optional[int] = None,
+                 tolerance: float = 1.0, probe_every: int = 20, probe_steps: Optional[int] = None):
+        if int(max_steps) < 1 or not 0 <= int(min_steps) <= int(max_steps):
+            raise ValueError(f"need 0 <= min_steps <= max_steps and max_steps >= 1, got min_steps={min_steps!r}, "
+                             f"max_steps={max_steps!r}.")
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+            raise ValueError(f"tolerance must be a positive number of nats per data point, got {tolerance!r}.")
+        if int(probe_every) < 1:
+            raise ValueError(f"probe_every must be a positive integer, got {probe_every!r}.")
+        self.max_steps, self.min_steps = int(max_steps), int(min_steps)
+        self.tolerance, self.probe_every = float(tolerance), int(probe_every)
+        self.probe_steps = int(probe_steps) if probe_steps is not None else max(1, self.max_steps // 4)
+        self.steps = self._clip(self.max_steps if initial is None else int(initial))
+        self.since_probe = 0
+
+    def _clip(self, steps: int) -> int:
+        return max(self.min_steps, min(self.max_steps, steps))
+
+    def __call__(self, iteration: int) -> int:
+        """Steps for this iteration (a probe's when due at ``K = 0``)."""
+        if self.steps > 0:
+            return self.steps
+        self.since_probe += 1
+        if self.since_probe >= self.probe_every:
+            self.since_probe = 0
+            return self.probe_steps
+        return 0
+
+    def update(self, energy_drop: float) -> int:
+        """Take the energy drop of the chains just run; returns the next ``K``."""
+        if energy_drop > self.tolerance:
+            self.steps = self._clip(max(1, 2 * self.steps))
+        elif energy_drop < self.tolerance / 2:
+            self.steps = self._clip(self.steps // 2)
+        return self.steps
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "since_probe": self.since_probe}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.since_probe = state["steps"], state["since_probe"]
+
+
+class FixedSteps:
+    """``K`` steps at every iteration (``fit(num_steps=K)``)."""
+
+    def __init__(self, steps: int):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"num_steps must be a non-negative integer, 'auto' or an AdaptiveSteps, got {steps!r}.")
+        self.steps = self.max_steps = steps
+
+    def __call__(self, iteration: int) -> int:
+        return self.steps
+
+    def update(self, energy_drop: float) -> int:
+        return self.steps
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def steps_schedule(num_steps):
+    """``num_steps`` of ``fit`` as a schedule: an int, ``"auto"`` or an :class:`AdaptiveSteps`."""
+    if isinstance(num_steps, AdaptiveSteps):
+        return num_steps
+    if num_steps == "auto":
+        return AdaptiveSteps()
+    return FixedSteps(num_steps)
+
+
+class StepSizeAdaptation:
+    """``log η ← log η + gain (ā − target)`` after each iteration (module docstring).
+
+    :param float step_size: initial η.
+    :param float target: target mean MALA acceptance probability, in (0, 1).
+    :param float gain: γ, the change of ``log η`` per unit of acceptance error.
+
+    Example::
+
+        >>> adapt = StepSizeAdaptation(0.1, target=0.6, gain=1.0)
+        >>> round(adapt.update(0.1), 4)   # far too few accepted: η shrinks by e^-0.5
+        0.0607
+    """
+
+    def __init__(self, step_size: float, target: float, gain: float = 0.1, bounds=(1e-7, 10.0)):
+        if not 0.0 < float(target) < 1.0:
+            raise ValueError(f"target_accept must be in (0, 1), got {target!r}.")
+        self.log_step_size, self.target, self.gain = math.log(step_size), float(target), float(gain)
+        self.bounds = (math.log(bounds[0]), math.log(bounds[1]))
+
+    @property
+    def step_size(self) -> float:
+        return math.exp(self.log_step_size)
+
+    def update(self, accept_prob: float) -> float:
+        """Take the mean acceptance probability of the chains just run; returns the next η."""
+        if math.isfinite(accept_prob):
+            moved = self.log_step_size + self.gain * (accept_prob - self.target)
+            self.log_step_size = min(max(moved, self.bounds[0]), self.bounds[1])
+        return self.step_size
+
+    def state_dict(self) -> dict:
+        return {"log_step_size": self.log_step_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.log_step_size = state["log_step_size"]
