@@ -269,6 +269,7 @@ class _Learner:
         state = self._first_estimate(state)
         initial = state.potential
         kept, accept, diverged = [], [], []
+        halfway = initial
         for k in range(1, self.num_steps + 1):
             state, info = langevin.step(state, vag, self.step_size, adjust=self.adjust, batch_ndim=1)
             self._accumulate(state)
@@ -276,9 +277,11 @@ class _Learner:
             diverged.append(info.diverged.any())
             if k in keep:
                 kept.append({**energy.constrain(state.position)[0], **self.global_values})
+            if k == self.num_steps // 2:
+                halfway = state.potential
         self._refresh()
         stats = {"accept": torch.stack(accept), "diverged": torch.stack(diverged),
-                 "energy_drop": (initial - state.potential).mean()}
+                 "energy_drop": (initial - state.potential).mean(), "late_drop": (halfway - state.potential).mean()}
         return kept, stats
 
     def _preconditioner(self, local):
@@ -310,7 +313,7 @@ class _Learner:
         local_state = self._first_estimate(langevin.LangevinState(local, u_l, g_l, local_precond, 0))
         no_precond = langevin.init_preconditioner(None, self.global_position)
         global_state = langevin.LangevinState(self.global_position, u_g, g_g, no_precond, 0)
-        initial = u_l
+        initial = halfway = u_l
         kept, diverged = [], []
         for k in range(1, self.num_steps + 1):
             lp, _, l_prop, _ = langevin.propose(local_state, self.step_size, batch_ndim=1)
@@ -323,16 +326,19 @@ class _Learner:
             diverged.append(~torch.isfinite(u_g))
             if k in keep:
                 kept.append(energy.constrain({**l_prop, **g_prop})[0])
+            if k == self.num_steps // 2:
+                halfway = u_l
         self.global_position = global_state.position
         self.global_values = energy.constrain(global_state.position)[0]
         self._refresh()
         drop = None if initial is None else (initial - u_l).mean()
-        return kept, {"accept": None, "diverged": torch.stack(diverged), "energy_drop": drop}
+        late = None if initial is None else (halfway - u_l).mean()
+        return kept, {"accept": None, "diverged": torch.stack(diverged), "energy_drop": drop, "late_drop": late}
 
     def adapt(self, row: dict) -> None:
-        """After an iteration: the schedule takes its energy drop, η its acceptance rate."""
-        if row["energy_drop"] is not None:
-            self.schedule.update(row["energy_drop"])
+        """After an iteration: the schedule takes its late energy drop, η its acceptance rate."""
+        if row["late_energy_drop"] is not None:
+            self.schedule.update(row["late_energy_drop"])
         if self.adaptation and "accept_rate" in row:
             self.step_size = self.adaptation.update(row["accept_rate"])
 
@@ -366,7 +372,7 @@ class _Learner:
             if params is None:
                 params = _param_tensors(trace)
                 grads = [None] * len(params)
-            if params:
+            if params and log_p.requires_grad:
                 g = torch.autograd.grad(-log_p / len(kept), list(params.values()), allow_unused=True)
                 grads = [_add(a, b) for a, b in zip(grads, g)]
             total = total + log_p.detach() / len(kept)
@@ -383,8 +389,39 @@ class _Learner:
         params = {k: v for k, v in _param_tensors(guide_trace).items() if k not in theta}
         if not params:
             return {}, [], loss.detach()
+        if not loss.requires_grad:  # no φ reaches the objective (e.g. a fixed guide)
+            return params, [None] * len(params), loss.detach()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         return params, grads, loss.detach()
+
+
+    def fused_gradients(self, energy: ModelEnergy, guide_trace, start, args, kwargs):
+        """Without chains (K = 0), θ's and φ's gradients from one backward pass.
+
+        The kept sample is the guide's draw ``z_0``, and the warm-start objective's
+        reverse term ``log q(z_0) - log p_θ(x, z_0)`` has θ-gradient
+        ``-∇θ log p_θ(x, z_0)``, exactly θ's LPC gradient there (the other terms do
+        not involve θ): one model evaluation serves both, as in a VAE. Returns
+        ``None`` where that does not hold (no reverse term, or θ and φ share
+        parameters); otherwise the results of :meth:`theta_gradients` and
+        :meth:`guide_gradients`.
+        """
+        if self.warm is None or self.warm.objective == "forward":
+            return None
+        evaluated = {}
+
+        def log_joint(values):
+            evaluated["log_p"], evaluated["trace"] = energy.log_joint({**self.global_values, **values})
+            return evaluated["log_p"]
+
+        loss = self.warm.loss(guide_trace, [start], args, kwargs, log_joint)
+        theta = _param_tensors(evaluated["trace"])
+        phi = _param_tensors(guide_trace)
+        if set(theta) & set(phi):
+            return None
+        grads = torch.autograd.grad(loss, list(theta.values()) + list(phi.values()), allow_unused=True)
+        log_p = evaluated["log_p"].detach()
+        return (theta, grads[:len(theta)], log_p, evaluated["trace"]), (phi, grads[len(theta):], loss.detach())
 
 
 def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -604,23 +641,30 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
     if not learner.synced:
         _broadcast_params(learner, args, kwargs)
     guide_trace, energy, start = learner.chain_start(args, kwargs, iteration)
-    learner.num_steps = learner.schedule(iteration)
+    # global latents keep their persistent chain moving: at least one step then
+    learner.num_steps = max(learner.schedule(iteration), 1 if energy.globals else 0)
+    fused = None
     if learner.num_steps:
         with torch.no_grad():
             kept, stats = learner.run_chains(energy, start)
     else:  # no chains: θ steps on the guide's draws
-        kept, stats = [start], {"accept": None, "diverged": torch.zeros(0, dtype=torch.bool), "energy_drop": None}
-    params, grads, log_joint, trace = learner.theta_gradients(energy, kept)
-    g_params, g_grads, guide_loss = learner.guide_gradients(energy, guide_trace, kept, args, kwargs, params)
+        kept, stats = [start], {"accept": None, "diverged": torch.zeros(0, dtype=torch.bool),
+                                "energy_drop": None, "late_drop": None}
+        fused = learner.fused_gradients(energy, guide_trace, start, args, kwargs)
+    if fused:
+        (params, grads, log_joint, trace), (g_params, g_grads, guide_loss) = fused
+    else:
+        params, grads, log_joint, trace = learner.theta_gradients(energy, kept)
+        g_params, g_grads, guide_loss = learner.guide_gradients(energy, guide_trace, kept, args, kwargs, params)
     accept = None if stats["accept"] is None else stats["accept"].mean()
     # one all-reduce: every rank steps with the gradients, reports the figures of the global batch
     # and adapts K and η alike
     n, m = len(grads), len(g_grads)
     reduced = learner.group.average(
-        list(grads) + list(g_grads) + [log_joint, guide_loss, accept, stats["energy_drop"]],
-        like=list(params.values()) + list(g_params.values()) + [log_joint] * 4,
+        list(grads) + list(g_grads) + [log_joint, guide_loss, accept, stats["energy_drop"], stats["late_drop"]],
+        like=list(params.values()) + list(g_params.values()) + [log_joint] * 5,
     )
-    grads, g_grads, (log_joint, guide_loss, accept, drop) = reduced[:n], reduced[n:n + m], reduced[n + m:]
+    grads, g_grads, (log_joint, guide_loss, accept, drop, late) = reduced[:n], reduced[n:n + m], reduced[n + m:]
     checks = [log_joint] + list(grads) + list(g_grads) + ([guide_loss] if guide_loss is not None else [])
     if not _all_finite(checks):
         _raise_nonfinite(learner, energy, trace, stats, iteration, history)
@@ -634,6 +678,7 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
         "step_size": learner.step_size,
         "num_steps": learner.num_steps,
         "energy_drop": None if drop is None else drop.item(),
+        "late_energy_drop": None if late is None else late.item(),
     }
     if accept is not None and (learner.adjust or learner.adaptation):
         row["accept_rate"] = accept.item()

@@ -1,19 +1,24 @@
 r"""How much inference ``fit`` spends per mini-batch: adaptive Langevin steps and step size.
 
 **Steps** (:class:`AdaptiveSteps`, ``fit(num_steps="auto")``). Langevin steps
-pay when they move the guide's draws to markedly more probable latents. After
-each iteration that ran chains, ``fit`` reports the *energy drop*
+pay while they still move the samples to markedly more probable latents. After
+each iteration that ran chains, ``fit`` reports the *late energy drop*
 
-.. math:: Δ = \frac{1}{B} \sum_i \big[U_i(z_i^{(0)}) - U_i(z_i^{(K)})\big]
-   \quad\text{(nats per data point, } z^{(0)} \text{ the guide's draw)},
+.. math:: Δ = \frac{1}{B} \sum_i \big[U_i(z_i^{(\lfloor K/2 \rfloor)}) - U_i(z_i^{(K)})\big]
+   \quad\text{(nats per data point)},
 
-an estimate of how far the guide's samples still are from the chain's in
-log-joint. While ``Δ > tolerance`` the guide leaves much to correct and ``K``
-doubles (up to ``max_steps``); when ``Δ < tolerance / 2`` the steps hardly
-change the samples and ``K`` halves, down to ``min_steps`` (0 by default:
-θ then steps on the guide's draws, at the cost of a VAE iteration). At ``K = 0``
-no drop is measured, so every ``probe_every``-th iteration runs ``probe_steps``
-steps anyway (its samples also train θ) and the schedule decides again.
+how much the second half of the chains still lowered the energy (for ``K = 1``
+the drop from the guide's draw ``z^{(0)}``). Chains that have reached their
+stationary law no longer lower it (Δ ≈ 0, up to Monte Carlo noise of order
+``sqrt(d / 2B)`` for d latent dimensions); chains still descending from poor
+guide draws do. While ``Δ > tolerance`` ``K`` doubles (up to ``max_steps``);
+when ``Δ < tolerance / 2`` it halves, down to ``min_steps`` (0 by default: θ
+then steps on the guide's draws, from the same model evaluation as the guide's
+reverse-KL term, like a VAE). At ``K = 0`` nothing is measured, so every
+``probe_every``-th iteration runs ``probe_steps`` steps anyway (its samples also
+train θ) and the schedule decides again. (The total drop
+``U(z^{(0)}) - U(z^{(K)})``, an estimate of how far the guide still is from the
+chains, is reported in the history as ``energy_drop``.)
 
 **Step size** (:class:`StepSizeAdaptation`, ``fit(target_accept=...)``). The
 MALA acceptance probability of a Langevin proposal measures its discretisation
@@ -30,13 +35,13 @@ from typing import Optional
 
 
 class AdaptiveSteps:
-    """Langevin steps per mini-batch driven by the energy drop (see the module docstring).
+    """Langevin steps per mini-batch driven by the late energy drop (module docstring).
 
     :param int max_steps: most steps per mini-batch.
     :param int min_steps: fewest (0: θ may step on the guide's draws).
     :param int initial: steps of the first iteration (default ``max_steps``).
-    :param float tolerance: energy drop, in nats per data point, above which steps
-        are doubled; below half of it they are halved.
+    :param float tolerance: late energy drop, in nats per data point, above which
+        steps are doubled; below half of it they are halved.
     :param int probe_every: at ``K = 0``, run chains every this many iterations.
     :param int probe_steps: steps of such a probe (default ``max(1, max_steps // 4)``).
 
@@ -76,7 +81,7 @@ class AdaptiveSteps:
         return 0
 
     def update(self, energy_drop: float) -> int:
-        """Take the energy drop of the chains just run; returns the next ``K``."""
+        """Take the late energy drop of the chains just run; returns the next ``K``."""
         if energy_drop > self.tolerance:
             self.steps = self._clip(max(1, 2 * self.steps))
         elif energy_drop < self.tolerance / 2:
