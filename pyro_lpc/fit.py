@@ -33,7 +33,7 @@ from tqdm import tqdm
 from . import langevin
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, register_params, restore_rng, save_checkpoint, save_rng
-from .potential import ModelEnergy, latent_sites, nonfinite_in_trace, subsample_trace
+from .potential import ModelEnergy, batch_shapes, latent_sites, nonfinite_in_trace, subsample_trace
 from .schedule import AdaptiveSteps, StepSizeAdaptation, steps_schedule
 from .warm_start import WarmStart
 
@@ -126,11 +126,6 @@ def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Genera
             yield (batch,), {}
 
 
-def _shapes(args, kwargs):
-    describe = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
-    return [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
-
-
 def _param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
     return {
         name: site["value"].unconstrained()
@@ -148,6 +143,7 @@ class _Learner:
         self.group = group  # the ranks training together (distributed.SingleProcess when alone)
         self.generator = generator  # drawn alike on every rank: the global chain's noise
         self.synced = False  # parameters broadcast from rank 0 yet?
+        self.structure = None  # the last batch's ModelEnergy, reused by iterations without chains
         self.schedule = schedule  # K per mini-batch (schedule.FixedSteps / AdaptiveSteps)
         self.num_steps, self.step_size = schedule.max_steps, step_size  # this iteration's K and η
         self.adaptation = adaptation  # schedule.StepSizeAdaptation of η, or None
@@ -180,13 +176,19 @@ class _Learner:
             self.step_size = self.adaptation.step_size
 
     # -- one iteration ------------------------------------------------------------------
-    def chain_start(self, args, kwargs, iteration):
-        """Draw chain starts; returns (guide trace or None, ModelEnergy, start values)."""
+    def chain_start(self, args, kwargs, iteration, reuse_structure=False):
+        """Draw chain starts; returns (guide trace or None, ModelEnergy, start values).
+
+        With ``reuse_structure`` (an iteration without chains) and a batch shaped
+        like the last one, the model is not traced here: the last batch's
+        :class:`ModelEnergy` is rebound to this batch and the guide's draws."""
         try:
             if self.warm is not None:
                 guide_trace = self.warm.draw(args, kwargs)
                 replay = subsample_trace(guide_trace)
                 start = {n: guide_trace.nodes[n]["value"].detach() for n in latent_sites(guide_trace)}
+                if reuse_structure and self.structure and self.structure.shapes == batch_shapes(args, kwargs):
+                    return guide_trace, self.structure.rebind(args, kwargs, replay), start
             else:
                 guide_trace = None
                 with torch.no_grad():
@@ -205,11 +207,12 @@ class _Learner:
         except Exception as error:
             message = (
                 f"The model or guide failed on iteration {iteration} with a batch of shape(s) "
-                f"{_shapes(args, kwargs)}: {type(error).__name__}: {error}"
+                f"{batch_shapes(args, kwargs)}: {type(error).__name__}: {error}"
             )
             raise RuntimeError(message) from error
         energy = ModelEnergy(self.model, args, kwargs, prototype, self.data_plate)
         self._check_sites(energy, guide_trace)
+        self.structure = energy
         if self.global_position is None and energy.globals:
             self.group.broadcast([start[n] for n in energy.globals])  # one global chain for all ranks
             self.global_position = energy.unconstrain({n: start[n] for n in energy.globals})
@@ -640,9 +643,10 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
     """One LPC iteration on a mini-batch; nothing is updated unless everything is finite."""
     if not learner.synced:
         _broadcast_params(learner, args, kwargs)
-    guide_trace, energy, start = learner.chain_start(args, kwargs, iteration)
+    steps = learner.schedule(iteration)
+    guide_trace, energy, start = learner.chain_start(args, kwargs, iteration, reuse_structure=steps == 0)
     # global latents keep their persistent chain moving: at least one step then
-    learner.num_steps = max(learner.schedule(iteration), 1 if energy.globals else 0)
+    learner.num_steps = max(steps, 1 if energy.globals else 0)
     fused = None
     if learner.num_steps:
         with torch.no_grad():

@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import pyro
@@ -221,6 +222,12 @@ def plate_log_prob(trace: poutine.Trace, plate_name: str, dims, sites=None):
     return total
 
 
+def batch_shapes(args, kwargs) -> list:
+    """The shapes (type names for non-tensors) of a batch's arguments, for messages and checks."""
+    describe = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
+    return [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in (kwargs or {}).items()]
+
+
 class ModelEnergy:
     r"""The energy of a Pyro model on one mini-batch, as plain functions of its latents.
 
@@ -258,6 +265,18 @@ class ModelEnergy:
                 self.chain_axis[name] = site["value"].dim() - site["fn"].event_dim + self.plate.dim
             else:
                 self.globals.append(name)
+
+    @property
+    def shapes(self):
+        """The shapes of the batch this energy is bound to (see :meth:`rebind`)."""
+        return batch_shapes(self.args, self.kwargs)
+
+    def rebind(self, args, kwargs, replay: poutine.Trace) -> "ModelEnergy":
+        """The same model structure (sites, plate, transforms) on another batch of the
+        same shapes, replaying the subsample indices in ``replay``; no model trace."""
+        energy = copy.copy(self)
+        energy.args, energy.kwargs, energy.replay = args, kwargs or {}, replay
+        return energy
 
     # conversions between chain-first unconstrained positions and site values
     def unconstrain(self, values: Position) -> Position:
