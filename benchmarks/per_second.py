@@ -21,6 +21,7 @@ below it); and where an LPC iteration spends its time (cProfile, by phase).
 """
 import argparse
 import cProfile
+import copy
 import dataclasses
 import json
 import os
@@ -30,7 +31,7 @@ import time
 import torch
 
 import run as bench
-from pyro_lpc import fit
+from pyro_lpc import AdaptiveSteps, fit
 
 VARIANTS = {
     "VAE": bench.Method("VAE", "svi", {"objective": "elbo"}),
@@ -40,13 +41,21 @@ VARIANTS = {
         "LPC K=5, keep last, η adapted", "lpc", {"num_steps": 5, "keep": "last", "target_accept": 0.57}),
     "LPC auto K ≤ 20, keep last": bench.Method(
         "LPC auto K ≤ 20, keep last", "lpc", {"num_steps": "auto", "keep": "last"}),
+    "LPC auto, tolerance 3": bench.Method(
+        "LPC auto, tolerance 3", "lpc", {"num_steps": AdaptiveSteps(tolerance=3.0), "keep": "last"}),
     "LPC K=0 (guide draws)": bench.Method("LPC K=0 (guide draws)", "lpc", {"num_steps": 0}),
 }
 PHASES = dict(bench.PHASES, fused_gradients="K = 0: θ and φ gradients in one pass")
 
 
+def fresh(method):
+    """``method`` with its own copy of its options (a step schedule carries state)."""
+    return dataclasses.replace(method, options=copy.deepcopy(method.options))
+
+
 def profile_iterations(method, data, lr, seed, iterations=30) -> dict:
     """Share of an LPC iteration's time in each phase (cProfile cumulative times)."""
+    method = fresh(method)
     dlgm = bench.mnist_model(seed)
     gen = torch.Generator().manual_seed(seed)
     batches = [(torch.bernoulli(data["train"][i * bench.BATCH:(i + 1) * bench.BATCH], generator=gen),)
@@ -73,7 +82,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=360.0)
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--lr-lpc", type=float, default=3e-3)
+    parser.add_argument("--lr-lpc", type=float, nargs="+", default=[3e-3],
+                        help="one run of each LPC variant per learning rate")
     parser.add_argument("--lr-vae", type=float, nargs="+", default=[1e-3],
                         help="one VAE run per learning rate (the best at the end is the VAE's figure)")
     parser.add_argument("--eval-samples", type=int, default=1000)
@@ -94,9 +104,9 @@ def main():
           f"test NLL: IWAE k={options.eval_samples} on {options.test_images} test images", flush=True)
     runs = []
     jobs = [(key, lr) for key in options.methods
-            for lr in (options.lr_vae if VARIANTS[key].family == "svi" else [options.lr_lpc])]
+            for lr in (options.lr_vae if VARIANTS[key].family == "svi" else options.lr_lpc)]
     for key, lr in jobs:
-        method = VARIANTS[key]
+        method = fresh(VARIANTS[key])
         started = time.time()
         run = bench.run_mnist_method(method, lr, data, budget, options.seed)
         run.pop("dlgm")
@@ -137,7 +147,7 @@ def main():
     for r in runs:
         method = VARIANTS[next(k for k, m in VARIANTS.items() if m.label == r["label"])]
         if method.family == "lpc":
-            profiles[r["label"]] = profile_iterations(method, data, options.lr_lpc, options.seed)
+            profiles[r["label"]] = profile_iterations(method, data, r["lr"], options.seed)
             shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in profiles[r["label"]].items())
             print(f"where the time goes, {r['label']}: {shares}")
     os.makedirs(os.path.dirname(options.out), exist_ok=True)

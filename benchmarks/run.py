@@ -603,9 +603,13 @@ def common_iteration(runs: List[dict], candidates) -> Optional[int]:
     return max(reached) if reached else None
 
 
-def lpc_settings() -> str:
-    return (f"K = {FIT_DEFAULTS['num_steps']} Langevin steps, η = {FIT_DEFAULTS['step_size']:g}, "
-            f"`keep={FIT_DEFAULTS['keep']!r}`, `precondition={FIT_DEFAULTS['precondition']!r}`")
+SETTINGS = ("num_steps", "step_size", "keep", "precondition")  # fit's defaults a run used, kept in its results
+
+
+def lpc_settings(results: dict) -> str:
+    d = results["fit_defaults"]
+    return (f"K = {d['num_steps']} Langevin steps, η = {d['step_size']:g}, "
+            f"`keep={d['keep']!r}`, `precondition={d['precondition']!r}`")
 
 
 def mnist_section(results: dict) -> str:
@@ -637,7 +641,7 @@ Dynamically binarised MNIST ({60000 - b.val_images:,} training images; the last 
 choose learning rates), the IWAE paper's 784-200-200-50 tanh MLP decoder and encoder, Bernoulli
 likelihood, batch {BATCH}, Adam on θ and φ with one learning rate, the same initial weights and the
 same stream of batches for every method. **Every method trains for {b.mnist_seconds:g} s of wall-clock
-time.** LPC: `pyro_lpc.fit` with its defaults, {lpc_settings()}, Jeffreys warm start unless
+time.** LPC: `pyro_lpc.fit` with {lpc_settings(results)} (its defaults when this ran), Jeffreys warm start unless
 the row says otherwise. VAE and IWAE: `pyro_lpc.baselines.fit_svi` (`Trace_ELBO`;
 `RenyiELBO(alpha=0)` with 5 particles) on the same model and guide.
 
@@ -738,7 +742,7 @@ def cifar_section(results: dict) -> str:
 The convolutional model (`conv_model`: β-VAE-style encoder and decoder, 64 latent dimensions),
 discretised Gaussian likelihood with σ = 0.1 on pixels in [-1, 1], batch {BATCH}, all 50,000 training
 images, **{b.cifar_seconds:g} s of training each**, the learning rate chosen for the family on MNIST. LPC
-(Jeffreys): {lpc_settings()}. Sample quality: {c['num_test']:,} samples (the likelihood's mean at
+(Jeffreys): {lpc_settings(results)}. Sample quality: {c['num_test']:,} samples (the likelihood's mean at
 prior draws) against the {c['num_test']:,} pixel-exact CIFAR-10 test images, in the 84-d feature space
 of a LeNet trained for {b.feature_epochs} epochs on the training images and labels (test accuracy
 {100 * c['feature_accuracy']:.1f} %; not Inception features, so these distances are not FIDs and are not
@@ -774,7 +778,7 @@ def robustness_section(results: dict) -> str:
                f"MNIST as in section 1, test IWAE bound on {rb['num_test']:,} test images")
     return f"""## 3. Robustness to the Langevin step size
 
-LPC (Jeffreys warm start, K = {FIT_DEFAULTS['num_steps']}, `keep={FIT_DEFAULTS['keep']!r}`, Adam 1e-3) on
+LPC (Jeffreys warm start, K = {results['fit_defaults']['num_steps']}, `keep={results['fit_defaults']['keep']!r}`, Adam 1e-3) on
 {dataset}; {b.robustness_seconds:g} s of training per cell. The paper's claim: preconditioning makes
 learning robust to the step size. Columns: the shared diagonal preconditioner or none, unadjusted
 (ULA) or Metropolis-adjusted (MALA; mean acceptance rate over the last quarter of the run in
@@ -934,6 +938,7 @@ def main():
         "date": datetime.date.today().isoformat(), "machine": machine(), "threads": args.threads,
         "budget_name": args.budget, "budget": dataclasses.asdict(budget), "total_seconds": total,
         "mnist": mnist, "cifar10": cifar, "robustness": robustness, "cost": cost,
+        "fit_defaults": {k: FIT_DEFAULTS[k] for k in SETTINGS},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1))

@@ -46,6 +46,30 @@ CONFIG, HISTORY, METRICS = "config.json", "history.jsonl", "metrics.json"
 DATASET_NAMES = [d for d in DATASETS if ":" not in d]
 
 
+def _num_steps(value: str):
+    if value == "auto":
+        return value
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'auto', got {value!r}")
+
+
+def _keep(value: str):
+    """``--keep`` as stored in config.json: "all", "last", an int burn-in or "every:N"."""
+    if value in ("all", "last") or value.isdigit() or (value.startswith("every:") and value[6:].isdigit()
+                                                        and int(value[6:]) > 0):
+        return int(value) if value.isdigit() else value
+    raise argparse.ArgumentTypeError(f"expected last, all, an integer burn-in or every:N, got {value!r}")
+
+
+def _keep_for_fit(keep):
+    """config.json's ``keep`` as ``fit`` takes it (``every:N`` is the slice of every N-th sample)."""
+    if isinstance(keep, str) and keep.startswith("every:"):
+        n = int(keep[6:])
+        return slice(n - 1, None, n)
+    return keep
+
+
 def _choice(valid):
     """An argparse type that names the valid values when given another."""
 
@@ -75,13 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=100,
                        help="per process: under torchrun the global batch is nproc × this")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of model and guide")
-    train.add_argument("--num-steps", type=int, default=20, help="Langevin steps K per mini-batch")
+    train.add_argument("--num-steps", type=_num_steps, default=20,
+                       help="Langevin steps K per mini-batch, or 'auto' (adapted to the chains' energy drop)")
     train.add_argument("--step-size", type=float, default=1e-2, help="Langevin step size η")
+    train.add_argument("--target-accept", type=float, default=None,
+                       help="adapt η so the chains' mean MALA acceptance probability tracks this value")
     train.add_argument("--precondition", default="diagonal", type=_choice([str(p) for p in PRECONDITIONERS]))
     train.add_argument("--warm-start", default="jeffreys", type=_choice(list(OBJECTIVES) + ["none"]),
                        help="guide objective, or 'none' for encoder-free chains")
     train.add_argument("--adjust", action="store_true", help="Metropolis-adjust the chains (MALA)")
-    train.add_argument("--keep", default="all", help="samples feeding θ: all, last or an int burn-in")
+    train.add_argument("--keep", default="last", type=_keep,
+                       help="samples feeding θ: last, all, an int burn-in or every:N (every N-th)")
     train.add_argument("--particles", type=int, default=5, help="k for --method iwae")
     train.add_argument("--eval-samples", type=int, default=1000, help="k of the test IWAE bound")
     train.add_argument("--seed", type=int, default=0)
@@ -122,7 +150,8 @@ def _config_from_args(args) -> dict:
         "precondition": None if args.precondition == "None" else args.precondition,
         "warm_start": args.warm_start,
         "adjust": args.adjust,
-        "keep": int(args.keep) if str(args.keep).isdigit() else args.keep,
+        "keep": args.keep,
+        "target_accept": args.target_accept,
         "particles": args.particles,
         "eval_samples": args.eval_samples,
         "seed": args.seed,
@@ -170,7 +199,12 @@ def train(args) -> int:
         out = args.out or _default_run_dir(args.dataset, args.method, existing=args.resume)
         config = _run_config(args, out)
     out, config = group.broadcast_object((out, config) if group.is_main else None)
-    train_set = _data(config, "train", binarize="dynamic")  # fails cleanly, before anything is written
+    # rank 0 loads first (torchvision may unpack archives in place), then the others; a missing
+    # file fails cleanly, before anything is written
+    train_set = _data(config, "train", binarize="dynamic") if group.is_main else None
+    group.broadcast_object(None)
+    if train_set is None:
+        train_set = _data(config, "train", binarize="dynamic")
     if group.is_main:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, CONFIG), "w") as f:
@@ -186,7 +220,8 @@ def train(args) -> int:
         guide = None if config["warm_start"] == "none" else dlgm.guide
         result = fit(dlgm.model, guide, loader, num_steps=config["num_steps"], step_size=config["step_size"],
                      precondition=config["precondition"], adjust=config["adjust"],
-                     warm_start="jeffreys" if guide is None else config["warm_start"], keep=config["keep"],
+                     warm_start="jeffreys" if guide is None else config["warm_start"],
+                     keep=_keep_for_fit(config["keep"]), target_accept=config.get("target_accept"),
                      optim=optim(), guide_optim=optim(), **common)
     else:
         objective = "elbo" if config["method"] == "vae" else "iwae"

@@ -68,7 +68,7 @@ class ChainRecorder:
         """Run the chains with ``learner``'s sampler and store them under ``label``."""
         size = self.args[0].shape[0]
         replicated = tuple(a.repeat((self.num_chains,) + (1,) * (a.dim() - 1)) for a in self.args)
-        saved, rng = learner.state_dict(), save_rng()
+        saved, rng, structure = learner.state_dict(), save_rng(), learner.structure
         num_steps = learner.num_steps
         try:
             learner.num_steps = self.num_steps or learner.schedule.max_steps
@@ -76,7 +76,7 @@ class ChainRecorder:
                 _, energy, start = learner.chain_start(replicated, {}, iteration=f"record-{label}")
                 samples, _ = learner.run_chains(energy, start, keep="all", move_globals=False)
         finally:
-            learner.num_steps = num_steps
+            learner.num_steps, learner.structure = num_steps, structure
             learner.load_state_dict(saved)
             restore_rng(rng)
         posterior = {}

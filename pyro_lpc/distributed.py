@@ -25,6 +25,7 @@ a :class:`SingleProcess` with the same methods when there is none.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import random
@@ -50,7 +51,15 @@ def init_from_env(backend: Optional[str] = None, timeout: datetime.timedelta = D
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timeout)
+    # leave the group before interpreter teardown: a gloo group destroyed during
+    # teardown can abort the process ("terminate called without an active exception")
+    atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _seed_for(base: int, *key: int) -> int:

@@ -3,7 +3,9 @@ r"""``fit``: learn a Pyro model's parameters with Langevin Predictive Coding.
 For each mini-batch ``x`` (DESIGN.md §2):
 
 1. start chains at ``z_0 ~ q_φ(z | x)`` (or the prior, encoder-free);
-2. take ``K`` preconditioned Langevin steps on ``U_θ(z) = -log p_θ(x, z)``;
+2. take ``K`` preconditioned Langevin steps on ``U_θ(z) = -log p_θ(x, z)`` (``K``
+   fixed or adapted per mini-batch, :mod:`pyro_lpc.schedule`; with ``K = 0`` θ
+   steps on the guide's draws);
 3. step θ on ``-mean_k log p_θ(x, z_k)`` over the kept samples (z detached);
 4. step φ on the warm-start objective (:mod:`pyro_lpc.warm_start`).
 
@@ -50,8 +52,11 @@ class FitResult:
     """What ``fit`` did: ``history`` holds one dict per iteration with ``epoch``,
     ``iteration``, ``log_joint`` (mean over kept samples of the scaled
     mini-batch ``log p(x, z)`` divided by the number of data points N, i.e. an
-    estimate of the full-data log-joint per data point), ``guide_loss``, ``accept_rate`` (MALA only), ``step_size``,
-    ``num_steps`` and ``time`` (seconds since the start, resumed runs included).
+    estimate of the full-data log-joint per data point), ``guide_loss``, ``accept_rate`` (MALA or
+    ``target_accept`` only), ``step_size``, ``num_steps`` (this iteration's K), ``energy_drop``
+    and ``late_energy_drop`` (mean ``U(z_0) - U(z_K)`` and ``U(z_{K/2}) - U(z_K)`` of the local
+    chains, ``None`` without chains; :mod:`pyro_lpc.schedule`) and ``time`` (seconds since the
+    start, resumed runs included).
     ``sampler_state`` holds what the sampler carries across mini-batches (the
     shared diagonal preconditioner, the global chain's position and values).
 
@@ -76,8 +81,14 @@ class FitResult:
 
 
 def _check_keep(keep, max_steps):
-    if keep in ("all", "last") or isinstance(keep, slice):
+    if keep in ("all", "last"):
         return keep
+    if isinstance(keep, slice):
+        try:
+            _kept_steps(keep, max(max_steps, 1))
+            return keep
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"keep={keep!r} is not a usable slice of the samples: {error}") from None
     if isinstance(keep, int) and not isinstance(keep, bool) and 0 <= keep < max(max_steps, 1):
         return keep
     raise ValueError(
@@ -170,8 +181,10 @@ class _Learner:
         self.local_precond = state["local_precond"]
         self.global_position = state["global_position"]
         self.global_values = state["global_values"]
-        self.schedule.load_state_dict(state["schedule"])
-        if self.adaptation:
+        # a schedule or adaptation of another kind than the checkpoint's starts afresh
+        if set(state.get("schedule") or {}) == set(self.schedule.state_dict()):
+            self.schedule.load_state_dict(state["schedule"])
+        if self.adaptation and state.get("adaptation"):
             self.adaptation.load_state_dict(state["adaptation"])
             self.step_size = self.adaptation.step_size
 
@@ -422,7 +435,9 @@ class _Learner:
         phi = _param_tensors(guide_trace)
         if set(theta) & set(phi):
             return None
-        grads = torch.autograd.grad(loss, list(theta.values()) + list(phi.values()), allow_unused=True)
+        tensors = list(theta.values()) + list(phi.values())
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors and loss.requires_grad \
+            else [None] * len(tensors)
         log_p = evaluated["log_p"].detach()
         return (theta, grads[:len(theta)], log_p, evaluated["trace"]), (phi, grads[len(theta):], loss.detach())
 
@@ -462,7 +477,7 @@ def fit(
     precondition: Optional[str] = "diagonal",
     adjust: bool = False,
     warm_start: str = "jeffreys",
-    keep: Union[str, int, slice] = "all",
+    keep: Union[str, int, slice] = "last",
     optim=None,
     guide_optim=None,
     batch_size: Optional[int] = None,
@@ -491,10 +506,12 @@ def fit(
         ``model(*batch)``, a dict as ``model(**batch)``) or a tensor split into
         shuffled mini-batches of ``batch_size`` each epoch.
     :param num_steps: Langevin steps K per mini-batch: an int (0: θ steps on the
-        guide's draws), ``"auto"`` (:class:`~pyro_lpc.schedule.AdaptiveSteps`: up
-        to 20, more while the chains still lower the energy of the guide's draws
-        by over 1 nat per data point, fewer — down to 0 — once they do not) or an
-        :class:`~pyro_lpc.schedule.AdaptiveSteps`.
+        guide's draws; needs a guide with the reverse or Jeffreys objective),
+        ``"auto"`` (:class:`~pyro_lpc.schedule.AdaptiveSteps`: starts at 20,
+        halves while the second half of the chains lowers the energy by less than
+        1.5 nats per data point, doubles again above 3, down to 0 and up to 20)
+        or an :class:`~pyro_lpc.schedule.AdaptiveSteps`. Models with global
+        latents run at least one step (their persistent chain keeps moving).
     :param float step_size: Langevin step size η of the local chains (the
         initial one with ``target_accept``).
     :param float target_accept: adapt η after every iteration so that the local
@@ -510,8 +527,11 @@ def fit(
     :param bool adjust: Metropolis-adjust the local chains (MALA).
     :param str warm_start: the guide's objective, ``"forward"``, ``"reverse"``
         or ``"jeffreys"`` (ignored when ``guide`` is a ``WarmStart``).
-    :param keep: which samples feed θ: ``"all"``, ``"last"``, an int burn-in or a
-        ``slice`` of the K samples (``slice(4, None, 5)``: every 5th).
+    :param keep: which samples feed θ: ``"last"`` (default), ``"all"``, an int
+        burn-in or a ``slice`` of the K samples (``slice(4, None, 5)``: every 5th).
+        Each kept sample costs one more model gradient: on MNIST (K = 20)
+        ``"last"`` halves an iteration's cost; per iteration it learns more
+        slowly early on, per second it is ahead (docs: Benchmarks).
     :param optim: a ``pyro.optim`` optimiser for θ (default Adam, lr 1e-3).
     :param guide_optim: the same for φ (default Adam, lr 1e-3).
     :param int batch_size: mini-batch size (per process under ``torchrun``).
@@ -549,12 +569,18 @@ def fit(
         raise ValueError("fit needs data: an iterable of batches or a tensor with batch_size.")
     if guide is not None and not isinstance(guide, WarmStart):
         guide = WarmStart(guide, objective=warm_start)
+    if guide is None or guide.objective == "forward":
+        _without_zero_steps(schedule, "encoder-free (guide=None)" if guide is None else "warm_start='forward'")
+    if recorder is not None and schedule.max_steps == 0 and recorder.num_steps is None:
+        raise ValueError("num_steps=0 runs no chains: give the ChainRecorder its own num_steps to record.")
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
     guide_optim = guide_optim or pyro.optim.Adam({"lr": 1e-3})
     for name, o in (("optim", optim), ("guide_optim", guide_optim)):
         if not isinstance(o, pyro.optim.PyroOptim):
             raise TypeError(f"{name} must be a pyro.optim optimiser (e.g. pyro.optim.Adam), got {type(o).__name__}.")
     group = distributed.replicas()
+    group.check_same("Whether fit got a checkpoint_dir and a recorder",
+                     (checkpoint_dir is not None, recorder is not None))  # both run collectives
     base_seed, generator = group.streams(seed)
     learner = _Learner(model, guide, schedule, step_size, global_step_size, precondition, adjust,
                        keep, optim, guide_optim, data_plate, group, generator, adaptation)
@@ -570,6 +596,19 @@ def fit(
         desc="fit", key="log_joint",
     )
     return FitResult(history, learner.state_dict())
+
+
+def _without_zero_steps(schedule, why: str) -> None:
+    """K = 0 trains θ on the guide's draws and φ through the reverse KL: refuse it
+    (or keep an adaptive schedule at one step or more) when there is no such term."""
+    if isinstance(schedule, AdaptiveSteps):
+        schedule.min_steps = max(schedule.min_steps, 1)
+        schedule.steps = max(schedule.steps, 1)
+    elif schedule.max_steps == 0:
+        raise ValueError(
+            f"num_steps=0 with {why}: without chains θ would step on draws that nothing trains "
+            "towards the posterior. Use num_steps >= 1, or a guide with warm_start='reverse' or 'jeffreys'."
+        )
 
 
 def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generator, progress, checkpoint_dir,
@@ -593,7 +632,8 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
     if resume:
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir.")
-        if os.path.exists(path):
+        # rank 0 decides (a rank that cannot read the checkpoint then fails instead of starting afresh)
+        if group.broadcast_object(os.path.exists(path) if group.is_main else None):
             args, kwargs = next(iter(minibatches(data, batch_size, shuffle=False)))
             checkpoint = load_checkpoint(path, model, guide, args, kwargs, optims)
             if state is not None:
@@ -631,12 +671,13 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
 def _restore_streams(checkpoint, group, generator, epoch):
     """Continue every rank's random streams from a checkpoint: bit for bit under the
     same world size, from fresh streams derived from the run's seed under another."""
-    generator.set_state(checkpoint["generator"].cpu())
-    by_rank = checkpoint["rng_by_rank"]
+    if "generator" in checkpoint:
+        generator.set_state(checkpoint["generator"].cpu())
+    by_rank = checkpoint.get("rng_by_rank", [checkpoint["rng"]])
     if len(by_rank) == group.world_size:
         restore_rng(by_rank[group.rank])
     else:
-        group.reseed(checkpoint["base_seed"], epoch)
+        group.reseed(checkpoint.get("base_seed", 0), epoch)
 
 
 def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict:
@@ -644,7 +685,8 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
     if not learner.synced:
         _broadcast_params(learner, args, kwargs)
     steps = learner.schedule(iteration)
-    guide_trace, energy, start = learner.chain_start(args, kwargs, iteration, reuse_structure=steps == 0)
+    reuse = steps == 0 and learner.structure is not None and not learner.structure.globals
+    guide_trace, energy, start = learner.chain_start(args, kwargs, iteration, reuse_structure=reuse)
     # global latents keep their persistent chain moving: at least one step then
     learner.num_steps = max(steps, 1 if energy.globals else 0)
     fused = None

@@ -109,3 +109,22 @@ def test_default_run_directories_do_not_collide(tmp_path, monkeypatch):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "pyro_lpc", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
+
+
+def test_adaptive_inference_options_reach_fit(tmp_path):
+    run = str(tmp_path / "auto")
+    assert main(["train", "--out", run, "--num-steps", "auto", "--keep", "every:2", "--target-accept", "0.6"]
+                + TINY[:2] + TINY[4:]) == 0
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    assert (config["num_steps"], config["keep"], config["target_accept"]) == ("auto", "every:2", 0.6)
+    rows = history(run)
+    assert rows[0]["num_steps"] == 20 and "accept_rate" in rows[0]  # "auto" starts at its maximum
+    assert len({row["step_size"] for row in rows}) > 1  # η adapted
+
+
+def test_bad_adaptive_inference_options_are_named(capsys):
+    for option, value in (("--num-steps", "many"), ("--keep", "every:0"), ("--keep", "first")):
+        with pytest.raises(SystemExit):
+            main(["train", option, value])
+        assert f"argument {option}" in capsys.readouterr().err

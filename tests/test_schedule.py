@@ -22,7 +22,7 @@ def test_steps_double_while_the_late_drop_exceeds_the_tolerance_and_halve_below_
 
 
 def test_at_zero_steps_a_probe_runs_every_probe_every_iterations_and_can_restart_the_chains():
-    steps = AdaptiveSteps(max_steps=8, initial=0, probe_every=5, probe_steps=3)
+    steps = AdaptiveSteps(max_steps=8, initial=0, tolerance=1.0, probe_every=5, probe_steps=3)
     ks = [steps(i) for i in range(15)]
     assert ks == [0, 0, 0, 0, 3] * 3
     steps.update(2.0)  # the probe found the chains still lowering the energy
@@ -30,7 +30,7 @@ def test_at_zero_steps_a_probe_runs_every_probe_every_iterations_and_can_restart
 
 
 def test_a_zero_step_probe_restarts_from_one_step():
-    steps = AdaptiveSteps(max_steps=8, initial=0)
+    steps = AdaptiveSteps(max_steps=8, initial=0, tolerance=1.0)
     assert steps.update(5.0) == 1
 
 
@@ -86,7 +86,7 @@ def run_auto(shift):
     x = torch.randn(400, generator=torch.Generator().manual_seed(0)) * math.sqrt(1 + S**2)
     schedule = AdaptiveSteps(max_steps=16, tolerance=1.0, probe_every=4, probe_steps=4)
     result = fit(model, fixed_guide(shift), [(x,)] * 30, num_steps=schedule, step_size=0.05, seed=0,
-                 progress=False, guide_optim=pyro.optim.SGD({"lr": 0.0}), warm_start="forward")
+                 progress=False, guide_optim=pyro.optim.SGD({"lr": 0.0}), warm_start="reverse")
     return result
 
 
@@ -190,3 +190,19 @@ def test_target_accept_with_global_latents_is_refused():
 
     with pytest.raises(ValueError, match="target_accept adapts"):
         fit(hierarchical, None, [(torch.zeros(4),)], num_steps=2, target_accept=0.6, progress=False)
+
+
+def test_zero_steps_need_a_reverse_kl_term():
+    x = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="num_steps=0 with encoder-free"):
+        fit(vae_model, None, [(x,)], num_steps=0, progress=False)
+    with pytest.raises(ValueError, match="num_steps=0 with warm_start='forward'"):
+        fit(vae_model, vae_guide, [(x,)], num_steps=0, warm_start="forward", progress=False)
+    schedule = AdaptiveSteps(max_steps=4, initial=0)
+    result = fit(vae_model, None, [(x,)] * 3, num_steps=schedule, progress=False)
+    assert schedule.min_steps == 1 and min(result["num_steps"]) >= 1
+
+
+def test_a_bad_keep_slice_is_named_before_training():
+    with pytest.raises(ValueError, match="keep=slice"):
+        fit(vae_model, vae_guide, [(torch.zeros(4, 2),)], num_steps=5, keep=slice(0, None, 0), progress=False)
