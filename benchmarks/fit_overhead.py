@@ -12,6 +12,9 @@ Peak memory is measured in fresh subprocesses (peak RSS on CPU, peak CUDA
 allocation on a GPU) for several K, to show it does not grow with K.
 
     python benchmarks/fit_overhead.py [--iterations 30] [--num-steps 20] [--device cpu]
+
+``fit`` is timed twice: as is, and with ``jit_compile=True`` (the chains' energy
+recorded once per batch shape, :mod:`pyro_lpc.compiled`).
 """
 import argparse
 import json
@@ -40,7 +43,7 @@ def data(iterations, device):
     return [(x[i * BATCH:(i + 1) * BATCH],) for i in range(iterations)]
 
 
-def time_fit(dlgm, batches, num_steps, step_size):
+def time_fit(dlgm, batches, num_steps, step_size, jit_compile=False):
     stamps = []
     pyro.clear_param_store()
 
@@ -52,7 +55,7 @@ def time_fit(dlgm, batches, num_steps, step_size):
             stamps.append(time.perf_counter())
 
     fit(dlgm.model, dlgm.guide, Clock(), num_steps=num_steps, step_size=step_size,
-        keep="all", progress=False, seed=0)
+        keep="all", progress=False, seed=0, jit_compile=jit_compile)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -137,13 +140,16 @@ def main():
     hand = time_hand_written(dlgm, batches, args.num_steps, args.step_size)[warmup:]
     dlgm = make_model(args.device)
     ours = time_fit(dlgm, batches, args.num_steps, args.step_size)[warmup:]
-    t_fit, t_hand = statistics.median(ours), statistics.median(hand)
+    dlgm = make_model(args.device)
+    jit = time_fit(dlgm, batches, args.num_steps, args.step_size, jit_compile=True)[warmup:]
+    t_fit, t_hand, t_jit = statistics.median(ours), statistics.median(hand), statistics.median(jit)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"batch={BATCH} K={args.num_steps} iterations={args.iterations} (median after {warmup} warm-up)")
     print(f"{'loop':<24}{'ms / iteration':>16}")
     print(f"{'hand-written PyTorch':<24}{1e3 * t_hand:>16.2f}")
     print(f"{'pyro_lpc.fit':<24}{1e3 * t_fit:>16.2f}")
-    print(f"ratio fit / hand-written: {t_fit / t_hand:.3f}  (goal <= 1.15)")
+    print(f"{'fit(jit_compile=True)':<24}{1e3 * t_jit:>16.2f}")
+    print(f"ratio fit / hand-written: {t_fit / t_hand:.3f}, with jit_compile {t_jit / t_hand:.3f}  (goal <= 1.15)")
     print(f"\n{'K':>4}{'peak RSS MiB':>16}{'peak CUDA MiB':>16}")
     for k in args.memory_steps:
         mem = peak_memory(k, args.device)

@@ -37,6 +37,7 @@ VARIANTS = {
     "VAE": bench.Method("VAE", "svi", {"objective": "elbo"}),
     "LPC K=20, keep all": bench.Method("LPC K=20, keep all", "lpc", {"num_steps": 20, "keep": "all"}),
     "LPC K=20, keep last": bench.Method("LPC K=20, keep last", "lpc", {"num_steps": 20, "keep": "last"}),
+    "LPC K=5, keep last": bench.Method("LPC K=5, keep last", "lpc", {"num_steps": 5, "keep": "last"}),
     "LPC K=5, keep last, η adapted": bench.Method(
         "LPC K=5, keep last, η adapted", "lpc", {"num_steps": 5, "keep": "last", "target_accept": 0.57}),
     "LPC auto K ≤ 20, keep last": bench.Method(

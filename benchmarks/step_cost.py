@@ -9,7 +9,9 @@ batch 100). Timed, in one process, median over repetitions after a warm-up:
   PyTorch (what a hand-written LPC loop computes per step);
 * ``fit's step``: ``langevin.step`` on ``ModelEnergy``'s per-data-point energy,
   exactly what ``fit`` runs per step (Pyro trace of the model, constrain/unconstrain,
-  the preconditioned proposal, the MALA acceptance diagnostic).
+  the preconditioned proposal, the MALA acceptance diagnostic);
+* ``fit's step, jit``: the same with ``fit(jit_compile=True)``'s recorded energy
+  (:mod:`pyro_lpc.compiled`).
 
 The goal (issue 8): fit's step ≤ 1.3 × the decoder forward+backward.
 
@@ -24,6 +26,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lpc import langevin
+from pyro_lpc.compiled import CompiledEnergies
 from pyro_lpc.models import mlp_model
 from pyro_lpc.potential import ModelEnergy, latent_sites, subsample_trace
 
@@ -79,8 +82,13 @@ def measure(repeats: int) -> dict:
     def fit_step():
         langevin.step(state, vag, 1e-2, batch_ndim=1)
 
+    jit_vag = langevin.value_and_grad(CompiledEnergies()(energy, {}))
+
+    def jit_step():
+        langevin.step(state, jit_vag, 1e-2, batch_ndim=1)
+
     return {"decoder": median_ms(decoder, repeats), "energy": median_ms(plain_energy, repeats),
-            "fit_step": median_ms(fit_step, repeats)}
+            "fit_step": median_ms(fit_step, repeats), "jit_step": median_ms(jit_step, repeats)}
 
 
 def main():
@@ -90,13 +98,14 @@ def main():
     options = parser.parse_args()
     print(f"torch {torch.__version__}; MNIST MLP decoder, batch {BATCH}; median ms over {options.repeats}\n")
     print("| threads | decoder fwd+bwd (z) | plain-torch ∇z energy | fit's Langevin step | step / decoder | "
-          "step / plain energy |")
-    print("|---|---|---|---|---|---|")
+          "step / plain energy | step, jit_compile | jit step / decoder | jit step / plain energy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for threads in options.threads:
         torch.set_num_threads(threads)
         t = measure(options.repeats)
         print(f"| {threads} | {t['decoder']:.3f} | {t['energy']:.3f} | {t['fit_step']:.3f} | "
-              f"{t['fit_step'] / t['decoder']:.2f}x | {t['fit_step'] / t['energy']:.2f}x |", flush=True)
+              f"{t['fit_step'] / t['decoder']:.2f}x | {t['fit_step'] / t['energy']:.2f}x | {t['jit_step']:.3f} | "
+              f"{t['jit_step'] / t['decoder']:.2f}x | {t['jit_step'] / t['energy']:.2f}x |", flush=True)
     print("\ngoal: fit's step <= 1.3x the decoder forward+backward")
 
 

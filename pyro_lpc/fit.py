@@ -32,9 +32,9 @@ import pyro.poutine as poutine
 import torch
 from tqdm import tqdm
 
-from . import langevin
-from . import distributed
+from . import distributed, langevin
 from .checkpoint import CHECKPOINT, load_checkpoint, register_params, restore_rng, save_checkpoint, save_rng
+from .compiled import CompiledEnergies
 from .potential import ModelEnergy, batch_shapes, latent_sites, nonfinite_in_trace, subsample_trace
 from .schedule import AdaptiveSteps, StepSizeAdaptation, steps_schedule
 from .warm_start import WarmStart
@@ -149,12 +149,13 @@ class _Learner:
     """The state ``fit`` carries across mini-batches, and one iteration of the algorithm."""
 
     def __init__(self, model, warm, schedule, step_size, global_step_size, precondition, adjust,
-                 keep, optim, guide_optim, data_plate, group, generator, adaptation=None):
+                 keep, optim, guide_optim, data_plate, group, generator, adaptation=None, jit_compile=False):
         self.model, self.warm = model, warm
         self.group = group  # the ranks training together (distributed.SingleProcess when alone)
         self.generator = generator  # drawn alike on every rank: the global chain's noise
         self.synced = False  # parameters broadcast from rank 0 yet?
         self.structure = None  # the last batch's ModelEnergy, reused by iterations without chains
+        self.compiled = CompiledEnergies() if jit_compile else None  # recorded local energies
         self.schedule = schedule  # K per mini-batch (schedule.FixedSteps / AdaptiveSteps)
         self.num_steps, self.step_size = schedule.max_steps, step_size  # this iteration's K and η
         self.adaptation = adaptation  # schedule.StepSizeAdaptation of η, or None
@@ -280,7 +281,9 @@ class _Learner:
         local_precond = self._preconditioner(local)
         if energy.globals and move_globals:
             return self._joint_chains(energy, local, local_precond, keep)
-        vag = langevin.value_and_grad(energy.local_energy(self.global_values))
+        local_energy = self.compiled(energy, self.global_values) if self.compiled else \
+            energy.local_energy(self.global_values)
+        vag = langevin.value_and_grad(local_energy)
         state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
         state = self._first_estimate(state)
         initial = state.potential
@@ -487,6 +490,7 @@ def fit(
     resume: bool = False,
     data_plate: Optional[str] = None,
     recorder=None,
+    jit_compile: bool = False,
 ) -> FitResult:
     r"""Learn the parameters θ of a Pyro ``model`` by Langevin Predictive Coding.
 
@@ -542,6 +546,11 @@ def fit(
     :param str data_plate: name of the plate over data points (default: inferred).
     :param recorder: a :class:`~pyro_lpc.diagnostics.ChainRecorder` that records
         several chains of chosen data points after each epoch, for ArviZ.
+    :param bool jit_compile: evaluate the local chains' energy as a recorded
+        graph (:mod:`pyro_lpc.compiled`, one :func:`torch.jit.trace` per batch
+        shape) instead of re-running the model under Pyro at every step. The
+        model's control flow must depend on shapes only. Not used while global
+        latents move with the local chains.
     :returns: a :class:`FitResult` with the per-iteration history.
 
     Example::
@@ -583,7 +592,7 @@ def fit(
                      (checkpoint_dir is not None, recorder is not None))  # both run collectives
     base_seed, generator = group.streams(seed)
     learner = _Learner(model, guide, schedule, step_size, global_step_size, precondition, adjust,
-                       keep, optim, guide_optim, data_plate, group, generator, adaptation)
+                       keep, optim, guide_optim, data_plate, group, generator, adaptation, jit_compile)
     def step(args, kwargs, iteration, epoch, history):
         return _iterate(learner, args, kwargs, iteration, epoch, history)
 

@@ -248,6 +248,7 @@ class ModelEnergy:
     def __init__(self, model, args, kwargs, prototype: poutine.Trace, data_plate=None):
         self.model, self.args, self.kwargs = model, args, kwargs or {}
         self.replay = subsample_trace(prototype)
+        self.param_names = [n for n, site in prototype.nodes.items() if site["type"] == "param"]
         self.plate = find_data_plate(prototype, data_plate)
         self.transforms, self.event_dims, self.chain_axis = {}, {}, {}
         self.local, self.globals = [], []
