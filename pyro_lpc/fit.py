@@ -550,7 +550,7 @@ def fit(
         graph (:mod:`pyro_lpc.compiled`, one :func:`torch.jit.trace` per batch
         shape) instead of re-running the model under Pyro at every step. The
         model's control flow must depend on shapes only. Not used while global
-        latents move with the local chains.
+        latents move with the local chains. (On a CPU it measured no faster.)
     :returns: a :class:`FitResult` with the per-iteration history.
 
     Example::
