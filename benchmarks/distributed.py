@@ -69,6 +69,7 @@ def worker(iterations: int, out: str, threads: int) -> None:
               "communication_s_per_iteration": sum(communication) / n if communication else 0.0}
     with open(os.path.join(out, f"rank{group.rank}.json"), "w") as f:
         json.dump(report, f)
+    distributed.finish()
 
 
 def launch(processes: int, iterations: int, threads: int = 1) -> dict:

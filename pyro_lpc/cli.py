@@ -374,10 +374,12 @@ def _plot_curves(history, path):
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": train, "evaluate": evaluate, "sample": sample}[args.command](args)
+        code = {"train": train, "evaluate": evaluate, "sample": sample}[args.command](args)
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         print(f"pyro-lpc: error: {error}", file=sys.stderr)
-        return 2
+        code = 2
+    distributed.finish(code)  # a torchrun worker ends here; one process returns
+    return code
 
 
 if __name__ == "__main__":

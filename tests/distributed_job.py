@@ -29,6 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import pyro_lpc
 from pyro_lpc import langevin
+from pyro_lpc.distributed import finish
 
 N, D, LATENT = 32, 3, 2
 
@@ -115,6 +116,7 @@ def main():
     os.makedirs(options.out, exist_ok=True)
     torch.save({"params": params, "history": result.history, "sampler": result.sampler_state},
                os.path.join(options.out, f"rank{rank}.pt"))
+    finish()
 
 
 if __name__ == "__main__":
