@@ -58,7 +58,7 @@ def finish(code: int = 0) -> None:
     """End a ``torchrun`` worker: leave the process group, flush, and exit with ``code``
     without interpreter teardown. (Seen on this project's CI machine: a worker that had
     finished all its work aborted during teardown — "terminate called without an active
-    exception", exit −6 — in about 1 of 10 launches, even after leaving the group.)
+    exception", exit −6 — in 2 of about 40 launches, once after leaving the group.)
     Does nothing in a single process."""
     if not (dist.is_available() and dist.is_initialized()):
         return
