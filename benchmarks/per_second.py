@@ -28,6 +28,7 @@ import os
 import pstats
 import time
 
+import pyro
 import torch
 
 import run as bench
@@ -61,8 +62,6 @@ def profile_iterations(method, data, lr, seed, iterations=30) -> dict:
     gen = torch.Generator().manual_seed(seed)
     batches = [(torch.bernoulli(data["train"][i * bench.BATCH:(i + 1) * bench.BATCH], generator=gen),)
                for i in range(iterations)]
-    import pyro
-
     pyro.clear_param_store()
     profiler = cProfile.Profile()
     profiler.runcall(fit, dlgm.model, dlgm.guide, batches, progress=False, seed=seed,
@@ -75,7 +74,7 @@ def profile_iterations(method, data, lr, seed, iterations=30) -> dict:
 
 
 def nll_at(run, iteration):
-    snap = next((s for s in run["snapshots"] if s["iteration"] == iteration), None)
+    snap = bench.snapshot_at(run, iteration)
     return None if snap is None else -snap["test_ll"]
 
 

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import random
+import sys
 from typing import Dict, Iterator, List, Optional
 
+import numpy as np
+import pyro
 import torch
 import torch.distributed as dist
 
@@ -70,8 +72,6 @@ def finish(code: int = 0) -> None:
 
 def _seed_for(base: int, *key: int) -> int:
     """A 32-bit seed (NumPy takes no more) derived from ``base`` and ``key`` (independent streams per key)."""
-    import numpy as np
-
     return int(np.random.SeedSequence([base, *key]).generate_state(1)[0])
 
 
@@ -113,8 +113,6 @@ class SingleProcess:
         ``seed`` itself, rank r with an independent stream derived from it. With
         ``seed=None`` a single process keeps its RNGs (the base is drawn from
         them); several ranks draw a base on rank 0 and seed from it."""
-        import pyro
-
         if seed is None:
             if self.world_size == 1:
                 return int(torch.randint(2**32, ()).item())
@@ -124,8 +122,6 @@ class SingleProcess:
 
     def reseed(self, base: int, epoch: int) -> None:
         """Fresh per-rank streams for a run resumed at ``epoch`` under another world size."""
-        import pyro
-
         pyro.set_rng_seed(_seed_for(base, epoch, self.rank))
 
     def streams(self, seed: Optional[int]) -> "tuple[int, torch.Generator]":
