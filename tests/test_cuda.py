@@ -47,8 +47,12 @@ def test_fit_keeps_model_guide_and_chains_on_the_device(tmp_path):
     dlgm = mlp_model(image_shape=(1, 8, 8), latent_dim=4, hidden=(32,), likelihood="bernoulli").to(CUDA)
     x = (torch.rand(256, 1, 8, 8, device=CUDA) < 0.3).float()
     result = fit(dlgm.model, WarmStart(dlgm.guide), x, batch_size=64, num_steps=5, num_epochs=2,
-                 seed=0, progress=False, checkpoint_dir=str(tmp_path))
-    assert len(result.history) == 8 and result["log_joint"][-1] > result["log_joint"][0]
+                 seed=0, progress=False, checkpoint_dir=str(tmp_path), optim=pyro.optim.Adam({"lr": 1e-2}))
+    # it learns: on the CPU (seeds 0-3) the second epoch's mean log-joint is 2.8-3.2 nats above the
+    # first's, while mini-batch noise is about 0.2 nats (a single first-vs-last iteration comparison
+    # at lr 1e-3 failed on an H200: 0.2 nats of learning were within the noise)
+    first, second = result["log_joint"][:4], result["log_joint"][4:]
+    assert len(result.history) == 8 and sum(second) / 4 > sum(first) / 4 + 1.0
     assert all(p.device.type == "cuda" for p in pyro.get_param_store().values())
     assert result.sampler_state["local_precond"].scale["z"].device.type == "cuda"
     # resume on the device from the checkpoint
@@ -56,5 +60,6 @@ def test_fit_keeps_model_guide_and_chains_on_the_device(tmp_path):
     torch.manual_seed(0)
     dlgm = mlp_model(image_shape=(1, 8, 8), latent_dim=4, hidden=(32,), likelihood="bernoulli").to(CUDA)
     resumed = fit(dlgm.model, WarmStart(dlgm.guide), x, batch_size=64, num_steps=5, num_epochs=3,
-                  seed=0, progress=False, checkpoint_dir=str(tmp_path), resume=True)
+                  seed=0, progress=False, checkpoint_dir=str(tmp_path), resume=True,
+                  optim=pyro.optim.Adam({"lr": 1e-2}))
     assert len(resumed.history) == 12

@@ -184,10 +184,41 @@ class DiscretizedNormal(TorchDistribution):
         return total * self.bin_width - 1.0
 
 
+class _BernoulliLogLikelihood(torch.autograd.Function):
+    r"""``x f - softplus(f)`` elementwise, with ``softplus(f) = max(f, 0) + log(1 + e^{-|f|})``.
+
+    The same value as ``-binary_cross_entropy_with_logits``, several times faster on CPU:
+    ``log1p`` (which ``softplus``, ``logsigmoid`` and the cross-entropy use) is not
+    vectorised there, ``log`` and ``exp`` are. Dropping ``log1p`` costs at most the
+    float rounding of ``1 + e^{-|f|}``, an absolute error below ``eps`` per element.
+    The backward is the closed form ``∂/∂f = x - σ(f)``, ``∂/∂x = f``, written with
+    differentiable operations, so higher-order gradients work.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, value):
+        ctx.save_for_backward(logits, value)
+        return value * logits - logits.clamp(min=0) - torch.log(torch.exp(-logits.abs()).add_(1.0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, value = ctx.saved_tensors
+        grad_logits = (value - torch.sigmoid(logits)) * grad if ctx.needs_input_grad[0] else None
+        grad_value = logits * grad if ctx.needs_input_grad[1] else None
+        return grad_logits, grad_value
+
+
 class _UnitIntervalBernoulli(dist.Bernoulli):
-    """Bernoulli whose ``log_prob`` (``-BCE``) also accepts grey levels in [0, 1]."""
+    """Bernoulli whose ``log_prob`` (``-BCE``) also accepts grey levels in [0, 1], computed
+    by :class:`_BernoulliLogLikelihood`."""
 
     support = constraints.unit_interval
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = broadcast_all(self.logits, value)
+        return _BernoulliLogLikelihood.apply(logits, value)
 
 
 class Likelihood:
