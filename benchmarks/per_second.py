@@ -46,6 +46,13 @@ VARIANTS = {
     "LPC auto, tolerance 3": bench.Method(
         "LPC auto, tolerance 3", "lpc", {"num_steps": AdaptiveSteps(tolerance=3.0), "keep": "last"}),
     "LPC K=0 (guide draws)": bench.Method("LPC K=0 (guide draws)", "lpc", {"num_steps": 0}),
+    # the chains' energy and gradient recorded once and compiled by torch.compile (pyro_lpc.compiled)
+    "LPC K=5, keep last, η adapted, compiled": bench.Method(
+        "LPC K=5, keep last, η adapted, compiled", "lpc",
+        {"num_steps": 5, "keep": "last", "target_accept": 0.57, "jit_compile": {}}),
+    "LPC auto, tolerance 3, compiled": bench.Method(
+        "LPC auto, tolerance 3, compiled", "lpc",
+        {"num_steps": AdaptiveSteps(tolerance=3.0), "keep": "last", "jit_compile": {}}),
 }
 PHASES = dict(bench.PHASES, fused_gradients="K = 0: θ and φ gradients in one pass")
 

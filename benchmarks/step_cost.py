@@ -6,18 +6,27 @@ batch 100). Timed, in one process, median over repetitions after a warm-up:
 * ``decoder``: the decoder's forward pass and the gradient of its summed output
   with respect to its input z (plain PyTorch) — the floor for any sampler;
 * ``energy``: the same plus the likelihood and prior, ``∇z -log p(x, z)`` in plain
-  PyTorch (what a hand-written LPC loop computes per step);
+  PyTorch (what a hand-written LPC loop computes per step; the model's own
+  likelihood as a torch distribution, argument checks off as in ``fit``'s chains);
 * ``fit's step``: ``langevin.step`` on ``ModelEnergy``'s per-data-point energy,
   exactly what ``fit`` runs per step (Pyro trace of the model, constrain/unconstrain,
   the preconditioned proposal, the MALA acceptance diagnostic);
-* ``fit's step, jit``: the same with ``fit(jit_compile=True)``'s recorded energy
-  (:mod:`pyro_lpc.compiled`).
+* ``fit's step, recorded``: the same with ``fit(jit_compile=True)``'s recorded
+  energy and gradient (:mod:`pyro_lpc.compiled`: one ``make_fx`` graph per batch shape);
+* ``fit's step, compiled``: ``fit(jit_compile={})``, that recording compiled by
+  ``torch.compile`` (Inductor; ``--compile-options`` to pass others, e.g.
+  ``'{"mode": "reduce-overhead"}'`` for CUDA graphs on a GPU). Compile time is
+  reported separately.
 
 The goal (issue 8): fit's step ≤ 1.3 × the decoder forward+backward.
 
-    python benchmarks/step_cost.py [--threads 1 2] [--repeats 300]
+    python benchmarks/step_cost.py [--threads 1 2] [--repeats 300] [--device cpu] [--compile-options '{}']
+
+On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize()``.
 """
 import argparse
+import functools
+import json
 import statistics
 import time
 
@@ -33,23 +42,26 @@ from pyro_lpc.potential import ModelEnergy, latent_sites, subsample_trace
 BATCH, LATENT = 100, 50
 
 
-def median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(max(20, repeats // 10)):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
-def setup():
+def setup(device: torch.device = torch.device("cpu")):
     """The model, a batch, and ``fit``'s energy and chain state at guide draws."""
     pyro.clear_param_store()
     torch.manual_seed(0)
-    dlgm = mlp_model(image_shape=(1, 28, 28), latent_dim=LATENT, likelihood="bernoulli")
-    x = (torch.rand(BATCH, 1, 28, 28) < 0.13).float()
+    dlgm = mlp_model(image_shape=(1, 28, 28), latent_dim=LATENT, likelihood="bernoulli").to(device)
+    x = (torch.rand(BATCH, 1, 28, 28, device=device) < 0.13).float()
     guide_trace = poutine.trace(dlgm.guide).get_trace(x)
     replay = subsample_trace(guide_trace)
     for name in latent_sites(guide_trace):
@@ -61,10 +73,9 @@ def setup():
     return dlgm, x, energy, position
 
 
-def measure(repeats: int) -> dict:
-    dlgm, x, energy, position = setup()
+def measure(repeats: int, device: torch.device, compile_options: dict) -> "tuple[dict, float]":
+    dlgm, x, energy, position = setup(device)
     z0 = position["z"]
-    flat_x = x.reshape(BATCH, -1)
 
     def decoder():
         z = z0.detach().requires_grad_(True)
@@ -72,40 +83,42 @@ def measure(repeats: int) -> dict:
 
     def plain_energy():
         z = z0.detach().requires_grad_(True)
-        logits = dlgm.decoder(z).reshape(BATCH, -1)
-        log_lik = -torch.nn.functional.binary_cross_entropy_with_logits(logits, flat_x, reduction="none").sum(-1)
+        log_lik = dlgm.likelihood.distribution(dlgm.decoder(z)).log_prob(x)
         torch.autograd.grad(-(log_lik - 0.5 * z.square().sum(-1)).sum(), [z])
 
     vag = langevin.value_and_grad(energy.local_energy({}))
     state = langevin.init(position, vag, precond=langevin.init_preconditioner("diagonal", position, 1), batch_ndim=1)
+    steps = {"fit's step": vag, "fit's step, recorded": CompiledEnergies()(energy, {}),
+             "fit's step, compiled": CompiledEnergies(compile_options)(energy, {})}
+    start = time.perf_counter()
+    steps["fit's step, compiled"](position)  # records and compiles
+    compile_seconds = time.perf_counter() - start
 
-    def fit_step():
-        langevin.step(state, vag, 1e-2, batch_ndim=1)
-
-    jit_vag = langevin.value_and_grad(CompiledEnergies()(energy, {}))
-
-    def jit_step():
-        langevin.step(state, jit_vag, 1e-2, batch_ndim=1)
-
-    return {"decoder": median_ms(decoder, repeats), "energy": median_ms(plain_energy, repeats),
-            "fit_step": median_ms(fit_step, repeats), "jit_step": median_ms(jit_step, repeats)}
+    timed = {"decoder fwd+bwd (z)": decoder, "plain-torch ∇z energy": pyro.validation_enabled(False)(plain_energy)}
+    for name, potential_and_grad in steps.items():
+        timed[name] = functools.partial(langevin.step, state, potential_and_grad, 1e-2, batch_ndim=1)
+    return {name: median_ms(fn, repeats, device) for name, fn in timed.items()}, compile_seconds
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile-options", default="{}", help="torch.compile keyword arguments, as JSON")
     options = parser.parse_args()
-    print(f"torch {torch.__version__}; MNIST MLP decoder, batch {BATCH}; median ms over {options.repeats}\n")
-    print("| threads | decoder fwd+bwd (z) | plain-torch ∇z energy | fit's Langevin step | step / decoder | "
-          "step / plain energy | step, jit_compile | jit step / decoder | jit step / plain energy |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    device = torch.device(options.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__} on {where}; MNIST MLP decoder, batch {BATCH}; "
+          f"median ms over {options.repeats}\n")
+    print("| threads | what | ms | / decoder | / plain energy |\n|---|---|---|---|---|")
     for threads in options.threads:
         torch.set_num_threads(threads)
-        t = measure(options.repeats)
-        print(f"| {threads} | {t['decoder']:.3f} | {t['energy']:.3f} | {t['fit_step']:.3f} | "
-              f"{t['fit_step'] / t['decoder']:.2f}x | {t['fit_step'] / t['energy']:.2f}x | {t['jit_step']:.3f} | "
-              f"{t['jit_step'] / t['decoder']:.2f}x | {t['jit_step'] / t['energy']:.2f}x |", flush=True)
+        t, compile_seconds = measure(options.repeats, device, json.loads(options.compile_options))
+        decoder, energy = t["decoder fwd+bwd (z)"], t["plain-torch ∇z energy"]
+        for name, ms in t.items():
+            print(f"| {threads} | {name} | {ms:.3f} | {ms / decoder:.2f}x | {ms / energy:.2f}x |", flush=True)
+        print(f"| {threads} | compile time (s) | {compile_seconds:.1f} | | |")
     print("\ngoal: fit's step <= 1.3x the decoder forward+backward")
 
 

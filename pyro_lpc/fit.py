@@ -154,8 +154,9 @@ class _Learner:
         self.group = group  # the ranks training together (distributed.SingleProcess when alone)
         self.generator = generator  # drawn alike on every rank: the global chain's noise
         self.synced = False  # parameters broadcast from rank 0 yet?
-        self.structure = None  # the last batch's ModelEnergy, reused by iterations without chains
-        self.compiled = CompiledEnergies() if jit_compile else None  # recorded local energies
+        self.structure = None  # the last batch's ModelEnergy, reused by later batches of its shapes
+        # the local chains' recorded value-and-gradient (True: as recorded; a dict: torch.compile options)
+        self.compiled = None if jit_compile is False else CompiledEnergies(None if jit_compile is True else jit_compile)
         self.schedule = schedule  # K per mini-batch (schedule.FixedSteps / AdaptiveSteps)
         self.num_steps, self.step_size = schedule.max_steps, step_size  # this iteration's K and η
         self.adaptation = adaptation  # schedule.StepSizeAdaptation of η, or None
@@ -193,9 +194,10 @@ class _Learner:
     def chain_start(self, args, kwargs, iteration, reuse_structure=False):
         """Draw chain starts; returns (guide trace or None, ModelEnergy, start values).
 
-        With ``reuse_structure`` (an iteration without chains) and a batch shaped
-        like the last one, the model is not traced here: the last batch's
-        :class:`ModelEnergy` is rebound to this batch and the guide's draws."""
+        With ``reuse_structure`` (a model without global latents) and a batch
+        shaped like the last one, the model is not traced here: the last batch's
+        :class:`ModelEnergy` is rebound to this batch and the guide's draws (the
+        first batch of those shapes was checked against the model)."""
         try:
             if self.warm is not None:
                 guide_trace = self.warm.draw(args, kwargs)
@@ -281,9 +283,8 @@ class _Learner:
         local_precond = self._preconditioner(local)
         if energy.globals and move_globals:
             return self._joint_chains(energy, local, local_precond, keep)
-        local_energy = self.compiled(energy, self.global_values) if self.compiled else \
-            energy.local_energy(self.global_values)
-        vag = langevin.value_and_grad(local_energy)
+        vag = self.compiled(energy, self.global_values) if self.compiled else \
+            langevin.value_and_grad(energy.local_energy(self.global_values))
         state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
         state = self._first_estimate(state)
         initial = state.potential
@@ -490,7 +491,7 @@ def fit(
     resume: bool = False,
     data_plate: Optional[str] = None,
     recorder=None,
-    jit_compile: bool = False,
+    jit_compile: Union[bool, dict] = False,
 ) -> FitResult:
     r"""Learn the parameters θ of a Pyro ``model`` by Langevin Predictive Coding.
 
@@ -546,11 +547,14 @@ def fit(
     :param str data_plate: name of the plate over data points (default: inferred).
     :param recorder: a :class:`~pyro_lpc.diagnostics.ChainRecorder` that records
         several chains of chosen data points after each epoch, for ArviZ.
-    :param bool jit_compile: evaluate the local chains' energy as a recorded
-        graph (:mod:`pyro_lpc.compiled`, one :func:`torch.jit.trace` per batch
-        shape) instead of re-running the model under Pyro at every step. The
-        model's control flow must depend on shapes only. Not used while global
-        latents move with the local chains. (On a CPU it measured no faster.)
+    :param jit_compile: ``True``: record the local chains' energy *and its
+        gradient* once per batch shape as one graph (:mod:`pyro_lpc.compiled`)
+        and run the recording at every step instead of re-running the model
+        under Pyro and autograd. A dict: also compile the recording with
+        ``torch.compile(**jit_compile)`` (``{}``: Inductor's defaults, some
+        seconds to compile per batch shape; ``{"mode": "reduce-overhead"}``:
+        CUDA graphs on a GPU). The model's control flow must depend on shapes
+        only. Not used while global latents move with the local chains.
     :returns: a :class:`FitResult` with the per-iteration history.
 
     Example::
@@ -567,6 +571,8 @@ def fit(
         >>> len(result.history)
         2
     """
+    if not isinstance(jit_compile, (bool, dict)):
+        raise TypeError(f"jit_compile must be True, False or a dict of torch.compile options, got {jit_compile!r}.")
     schedule = steps_schedule(num_steps)
     step_size = langevin.check_step_size(step_size)
     adaptation = None if target_accept is None else StepSizeAdaptation(step_size, target_accept)
@@ -694,7 +700,7 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
     if not learner.synced:
         _broadcast_params(learner, args, kwargs)
     steps = learner.schedule(iteration)
-    reuse = steps == 0 and learner.structure is not None and not learner.structure.globals
+    reuse = learner.structure is not None and not learner.structure.globals
     guide_trace, energy, start = learner.chain_start(args, kwargs, iteration, reuse_structure=reuse)
     # global latents keep their persistent chain moving: at least one step then
     learner.num_steps = max(steps, 1 if energy.globals else 0)
