@@ -197,11 +197,13 @@ class TimedStream:
     batches served reaches one of ``iterations`` or the clock passes one of ``fractions`` of
     the budget, and always at the end; snapshot time is excluded from the clock. Batches and
     binarisation (``binarize=True``: every pixel drawn as Bernoulli(grey level) afresh) come
-    from a private generator, so every method sees the same stream.
+    from a private generator, so every method sees the same stream; batches are then moved
+    to ``device``.
     """
 
-    def __init__(self, images, module, *, seconds, seed=0, binarize=False, iterations=(), fractions=(1.0,)):
-        self.images, self.module, self.seconds = images, module, float(seconds)
+    def __init__(self, images, module, *, seconds, seed=0, binarize=False, iterations=(), fractions=(1.0,),
+                 device="cpu"):
+        self.images, self.module, self.seconds, self.device = images, module, float(seconds), device
         self.seed, self.binarize = seed, binarize
         self.iterations, self.fractions = sorted(iterations), sorted(fractions)
         self.snapshots: List[dict] = []
@@ -234,7 +236,7 @@ class TimedStream:
             index, order = order[:BATCH], order[BATCH:]
             x = self.images[index]
             self.served += 1
-            yield (torch.bernoulli(x, generator=gen) if self.binarize else x,)
+            yield ((torch.bernoulli(x, generator=gen) if self.binarize else x).to(self.device),)
 
 
 # =====================================================================================
@@ -312,9 +314,9 @@ def log(message: str) -> None:
 # =====================================================================================
 # 1. MNIST
 # =====================================================================================
-def mnist_model(seed: int):
+def mnist_model(seed: int, device="cpu"):
     torch.manual_seed(seed)  # the same initial weights for every method
-    return mlp_model(image_shape=(1, 28, 28), latent_dim=50, hidden=(200, 200), likelihood="bernoulli")
+    return mlp_model(image_shape=(1, 28, 28), latent_dim=50, hidden=(200, 200), likelihood="bernoulli").to(device)
 
 
 def mnist_data(root: str, budget: Budget, seed: int) -> dict:
@@ -330,13 +332,13 @@ def mnist_data(root: str, budget: Budget, seed: int) -> dict:
     }
 
 
-def run_mnist_method(method, lr, data, budget, seed, extra_iterations=()) -> dict:
-    dlgm = mnist_model(seed)
+def run_mnist_method(method, lr, data, budget, seed, extra_iterations=(), device="cpu") -> dict:
+    dlgm = mnist_model(seed, device)
     stream = TimedStream(data["train"], dlgm, seconds=budget.mnist_seconds, seed=seed, binarize=True,
                          iterations=budget.snapshot_iterations + tuple(extra_iterations),
-                         fractions=budget.snapshot_fractions)
+                         fractions=budget.snapshot_fractions, device=device)
     run = train(method, dlgm, stream, lr, seed)
-    evaluate_snapshots(run, dlgm, data["test"], budget.eval_samples, use_guide=method.encoder)
+    evaluate_snapshots(run, dlgm, data["test"].to(device), budget.eval_samples, use_guide=method.encoder)
     run["dlgm"] = dlgm
     log(f"MNIST {method.label}, lr {lr:g}: {run['iterations']} iterations, final test log-lik "
         f"{run['snapshots'][-1]['test_ll']:.2f}" + (f" (stopped: non-finite at {run['diverged_at']})"

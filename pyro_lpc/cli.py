@@ -46,6 +46,10 @@ CONFIG, HISTORY, METRICS = "config.json", "history.jsonl", "metrics.json"
 DATASET_NAMES = [d for d in DATASETS if ":" not in d]
 
 
+#: ``--compile`` choices and the ``fit(jit_compile=...)`` each stands for
+COMPILE = {"off": False, "record": True, "inductor": {}, "cuda-graphs": {"mode": "reduce-overhead"}}
+
+
 def _num_steps(value: str):
     if value == "auto":
         return value
@@ -108,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warm-start", default="jeffreys", type=_choice(list(OBJECTIVES) + ["none"]),
                        help="guide objective, or 'none' for encoder-free chains")
     train.add_argument("--adjust", action="store_true", help="Metropolis-adjust the chains (MALA)")
+    train.add_argument("--compile", default="off", type=_choice(list(COMPILE)),
+                       help="the chains' energy and gradient: off (Pyro at every step), record (one recorded "
+                            "graph per batch shape), inductor (that graph compiled by torch.compile; needs a "
+                            "C++ compiler on CPU) or cuda-graphs (compiled and replayed as a CUDA graph)")
     train.add_argument("--keep", default="last", type=_keep,
                        help="samples feeding θ: last, all, an int burn-in or every:N (every N-th)")
     train.add_argument("--particles", type=int, default=5, help="k for --method iwae")
@@ -152,6 +160,7 @@ def _config_from_args(args) -> dict:
         "adjust": args.adjust,
         "keep": args.keep,
         "target_accept": args.target_accept,
+        "compile": args.compile,
         "particles": args.particles,
         "eval_samples": args.eval_samples,
         "seed": args.seed,
@@ -222,7 +231,7 @@ def train(args) -> int:
                      precondition=config["precondition"], adjust=config["adjust"],
                      warm_start="jeffreys" if guide is None else config["warm_start"],
                      keep=_keep_for_fit(config["keep"]), target_accept=config.get("target_accept"),
-                     optim=optim(), guide_optim=optim(), **common)
+                     jit_compile=COMPILE[config.get("compile", "off")], optim=optim(), guide_optim=optim(), **common)
     else:
         objective = "elbo" if config["method"] == "vae" else "iwae"
         result = fit_svi(dlgm.model, dlgm.guide, loader, objective=objective, num_particles=config["particles"],

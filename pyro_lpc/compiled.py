@@ -80,6 +80,8 @@ class CompiledEnergies:
                 self.recorded[key] = self._record(energy, global_values, local, inputs)
             with torch.no_grad():
                 value, *grads = self.recorded[key](*[t.detach() for t in inputs])
+                if self.options is not None:  # a CUDA graph's next replay overwrites its outputs
+                    value, grads = value.clone(), [g.clone() for g in grads]
             return value, dict(zip(local, grads))
 
         return value_and_grad

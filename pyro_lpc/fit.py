@@ -287,7 +287,7 @@ class _Learner:
             langevin.value_and_grad(energy.local_energy(self.global_values))
         state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
         state = self._first_estimate(state)
-        initial = state.potential
+        initial, start_energy = state.potential, (state.potential, state.grad)
         kept, accept, diverged = [], [], []
         halfway = initial
         for k in range(1, self.num_steps + 1):
@@ -301,7 +301,8 @@ class _Learner:
                 halfway = state.potential
         self._refresh()
         stats = {"accept": torch.stack(accept), "diverged": torch.stack(diverged),
-                 "energy_drop": (initial - state.potential).mean(), "late_drop": (halfway - state.potential).mean()}
+                 "energy_drop": (initial - state.potential).mean(), "late_drop": (halfway - state.potential).mean(),
+                 "start_energy": start_energy}
         return kept, stats
 
     def _preconditioner(self, local):
@@ -398,11 +399,18 @@ class _Learner:
             total = total + log_p.detach() / len(kept)
         return params, grads, total, trace
 
-    def guide_gradients(self, energy: ModelEnergy, guide_trace, kept, args, kwargs, theta):
-        """Gradients of the warm-start objective with respect to φ (the guide's own params)."""
+    def guide_gradients(self, energy: ModelEnergy, guide_trace, kept, args, kwargs, theta, start_energy=None):
+        """Gradients of the warm-start objective with respect to φ (the guide's own params).
+
+        ``start_energy``: the chains' ``(U_i, ∇U)`` at the guide's draws; where the model
+        allows (:meth:`ModelEnergy.log_joint_from_energy`), the reverse term takes
+        ``log p(x, z_0)`` and its gradient from them instead of evaluating the model again."""
         if self.warm is None:
             return {}, [], None
+
         def log_joint(values):
+            if start_energy is not None and energy.energy_scale is not None:
+                return energy.log_joint_from_energy(values, *start_energy)
             return energy.log_joint({**self.global_values, **values})[0]
 
         loss = self.warm.loss(guide_trace, kept, args, kwargs, log_joint)
@@ -716,7 +724,8 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
         (params, grads, log_joint, trace), (g_params, g_grads, guide_loss) = fused
     else:
         params, grads, log_joint, trace = learner.theta_gradients(energy, kept)
-        g_params, g_grads, guide_loss = learner.guide_gradients(energy, guide_trace, kept, args, kwargs, params)
+        g_params, g_grads, guide_loss = learner.guide_gradients(energy, guide_trace, kept, args, kwargs, params,
+                                                                stats.get("start_energy"))
     accept = None if stats["accept"] is None else stats["accept"].mean()
     # one all-reduce: every rank steps with the gradients, reports the figures of the global batch
     # and adapts K and η alike

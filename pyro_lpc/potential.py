@@ -32,6 +32,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.distributions.util import sum_rightmost as _sum_rightmost
+from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.mcmc.util import initialize_model
 
@@ -196,6 +197,13 @@ def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
     return frames[subsampled[0]] if subsampled else frames[min(shared, key=lambda n: frames[n].dim)]
 
 
+def _is_real(support) -> bool:
+    """Whether a support is (a product of) the real line, where Pyro's transform is the identity."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
 def in_plate(site, plate_name: str) -> bool:
     """Whether a trace site lies inside the plate named ``plate_name``."""
     return any(f.name == plate_name for f in site["cond_indep_stack"])
@@ -243,6 +251,9 @@ class ModelEnergy:
       ``-log p(x, z) - log|J|`` **with** Pyro's scales (a stochastic-gradient
       estimate of the full-data energy), from one model evaluation.
     * :meth:`log_joint` — scaled ``log p_θ(x, z)`` with gradients to θ.
+    * :meth:`log_joint_from_energy` — the same at the chains' start, from their
+      energies and gradients, without evaluating the model (where
+      :attr:`energy_scale` is defined).
     """
 
     def __init__(self, model, args, kwargs, prototype: poutine.Trace, data_plate=None):
@@ -266,6 +277,25 @@ class ModelEnergy:
                 self.chain_axis[name] = site["value"].dim() - site["fn"].event_dim + self.plate.dim
             else:
                 self.globals.append(name)
+        self.energy_scale = self._energy_scale(prototype)
+
+    def _energy_scale(self, prototype: poutine.Trace) -> Optional[float]:
+        """``s`` such that ``log p(x, z) = -s Σ_i U_i(z)`` exactly (Pyro's scales included), or
+        ``None``: every sample site lies inside the data plate with the one scalar scale ``s``
+        (e.g. N/B), and every latent is local and real-valued (no Jacobian term)."""
+        if self.plate is None or self.globals:
+            return None
+        if not all(_is_real(prototype.nodes[name]["fn"].support) for name in self.local):
+            return None
+        scales = set()
+        for site in prototype.nodes.values():
+            if site["type"] != "sample" or is_subsample(site):
+                continue
+            scale = site["scale"]
+            if not in_plate(site, self.plate.name) or (torch.is_tensor(scale) and scale.numel() != 1):
+                return None
+            scales.add(float(scale))
+        return scales.pop() if len(scales) == 1 else None
 
     @property
     def shapes(self):
@@ -340,6 +370,19 @@ class ModelEnergy:
         """Scaled ``log p_θ(x, z)`` at constrained ``values`` (gradients flow to θ) and its trace."""
         trace = self.trace(values)
         return trace.log_prob_sum(), trace
+
+    def log_joint_from_energy(self, values: Position, potential: torch.Tensor, grad: Position) -> torch.Tensor:
+        r"""Scaled ``log p_θ(x, z)`` at the chains' start ``values`` from the energies ``U_i``
+        and gradients ``∇U`` already computed there, without evaluating the model: the value
+        ``-s Σ_i U_i`` and, through ``values``, the gradient ``-s ∇U`` (:attr:`energy_scale`
+        ``s`` must be defined). So a guide's reparameterised draws get their gradient as
+        from :meth:`log_joint`; θ gets none (the guide's objective does not update θ)."""
+        scale = self.energy_scale
+        total = -scale * potential.sum()
+        for name, g in grad.items():
+            value = values[name]
+            total = total - scale * (g.movedim(0, self.chain_axis[name]) * (value - value.detach())).sum()
+        return total
 
     def num_data(self) -> int:
         """N: the data plate's full size (before subsampling); 1 without a data plate."""

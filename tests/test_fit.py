@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from pyro_lpc import NonFiniteError, WarmStart, fit
+from pyro_lpc.potential import ModelEnergy
 
 
 @pytest.fixture(autouse=True)
@@ -268,6 +269,27 @@ def test_same_seed_same_result():
             progress=False)
         runs.append(pyro.param("W").detach().clone())
     assert torch.equal(runs[0], runs[1])
+
+
+def test_reverse_term_from_the_chains_start_energy_changes_nothing(monkeypatch):
+    """The guide's reverse term reads log p(x, z_0) and its gradient from the chains' first
+    evaluation (ModelEnergy.log_joint_from_energy) instead of evaluating the model again:
+    training must be the same as with the model evaluated, to float rounding."""
+    x = ppca_data()[:200]
+
+    def run():
+        pyro.clear_param_store()
+        result = fit(ppca_model, make_guide(LinearEncoder(D, Q)), x, batch_size=50, num_steps=5, seed=7,
+                     num_epochs=2, progress=False, optim=pyro.optim.Adam({"lr": 1e-2}),
+                     guide_optim=pyro.optim.Adam({"lr": 1e-2}))
+        return result["guide_loss"], {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    loss_reused, params_reused = run()
+    monkeypatch.setattr(ModelEnergy, "_energy_scale", lambda self, prototype: None)  # evaluate the model
+    loss_evaluated, params_evaluated = run()
+    assert loss_reused == pytest.approx(loss_evaluated, rel=1e-5)
+    for name, value in params_evaluated.items():
+        assert torch.allclose(params_reused[name], value, atol=1e-5), name
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -8,7 +8,7 @@ import torch
 import pyro.poutine as poutine
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 
-from pyro_lpc import fit
+from pyro_lpc import fit, langevin
 from pyro_lpc.potential import ModelEnergy
 
 B, F = 5, 3
@@ -66,3 +66,43 @@ def test_fit_learns_a_model_with_several_local_sites_and_nested_plates():
     first, last = result["log_joint"][:3], result["log_joint"][-3:]
     assert sum(last) / 3 > sum(first) / 3 + 0.5
     assert all(math.isfinite(v) for v in result["log_joint"])
+
+
+def subsampled_model(x):
+    """Every sample site inside the data plate, subsampled (scale N/B), real-valued latents whose
+    data dimension is not the first (chain axis 1)."""
+    w = pyro.param("w", torch.linspace(0.5, 1.5, F))
+    with pyro.plate("data", x.shape[1], subsample_size=B, dim=-1) as idx:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2, B]))                 # (2, B)
+        pyro.sample("x", dist.Normal(w[:, None] * z.sum(0), 1.0), obs=x[:, idx])   # (F, B)
+
+
+def test_log_joint_from_the_chains_start_energy_equals_the_models_value_and_guide_gradient():
+    x = torch.randn(F, 40, generator=torch.Generator().manual_seed(3))
+    pyro.set_rng_seed(0)
+    prototype = poutine.trace(subsampled_model).get_trace(x)
+    energy = ModelEnergy(subsampled_model, (x,), {}, prototype)
+    assert energy.chain_axis == {"z": 1} and energy.energy_scale == 40 / B
+    loc = torch.randn(2, B, requires_grad=True)  # a guide's parameter, reaching z through its draw
+    values = {"z": loc + 0.3 * torch.randn(2, B)}
+    u0, g0 = langevin.value_and_grad(energy.local_energy({}))(energy.unconstrain({"z": values["z"].detach()}))
+    reference = energy.log_joint(values)[0]
+    reused = energy.log_joint_from_energy(values, u0, g0)
+    assert torch.allclose(reused, reference, rtol=1e-6)
+    grad_ref, = torch.autograd.grad(reference, [loc])
+    grad_reused, = torch.autograd.grad(reused, [loc])
+    assert torch.allclose(grad_reused, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_log_joint_from_energy_is_refused_where_it_would_be_inexact():
+    _, _, energy = energy_and_values()  # a global latent and a positive (Jacobian) local latent
+    assert energy.energy_scale is None
+
+    def outside(x):  # an observed site outside the data plate
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        pyro.sample("total", dist.Normal(z.sum(), 1.0), obs=torch.tensor(0.0))
+
+    x = torch.randn(B)
+    assert ModelEnergy(outside, (x,), {}, poutine.trace(outside).get_trace(x)).energy_scale is None
