@@ -1,4 +1,4 @@
-r"""The local chains' energy and its gradient as one recorded graph.
+r"""The chains' energy and its gradient, and θ's log-joint gradient, as recorded graphs.
 
 Inside a chain the model's structure does not change from step to step, yet
 evaluating it through Pyro re-runs the Python model under its effect handlers,
@@ -10,7 +10,9 @@ graph directly. Everything that changes between calls is an input of the
 recording: the chain positions, the global latents' values, the batch's tensors,
 the replayed subsample indices and the model's parameters (the param store's
 unconstrained tensors, which the optimiser updates in place). So one recording
-serves every batch of that shape.
+serves every batch of that shape. θ's gradient at the kept samples,
+``∇θ log p_θ(x, z_k)``, is recorded the same way
+(:meth:`CompiledEnergies.log_joint_and_grad`).
 
 Optionally the recording is compiled with :func:`torch.compile` (``options``,
 e.g. ``{}`` for Inductor's defaults, which fuses the elementwise work of the
@@ -24,7 +26,7 @@ constants) are read as they were when recorded.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import pyro
 import torch
@@ -37,7 +39,8 @@ class CompiledEnergies:
     """``energy``'s local value-and-gradient function, recorded once per batch shape.
 
     ``CompiledEnergies(options)(energy, global_values)`` is a drop-in for
-    ``langevin.value_and_grad(energy.local_energy(global_values))``.
+    ``langevin.value_and_grad(energy.local_energy(global_values))``;
+    :meth:`log_joint_and_grad` for ``energy.log_joint`` and a backward pass to θ.
 
     :param options: ``None`` to run the recording as is, or keyword arguments of
         :func:`torch.compile` to compile it (once per batch shape).
@@ -65,65 +68,109 @@ class CompiledEnergies:
         if options is not None and not isinstance(options, dict):
             raise TypeError(f"torch.compile options must be a dict or None, got {type(options).__name__}.")
         self.options = options
-        self.recorded: Dict[tuple, torch.nn.Module] = {}
+        self.recorded: Dict[tuple, Callable] = {}
 
     def __call__(self, energy: ModelEnergy, global_values: Position):
         """``position -> (U_i, {site: ∇U})`` for ``energy``'s batch (recorded on first use)."""
-        others, param_names = self._inputs(energy, global_values)
-        local = list(energy.local)
-        key = (tuple(local), tuple(global_values), tuple(param_names), repr(energy.shapes),
-               tuple((tuple(t.shape), t.dtype, t.device) for t in others))
+        local, globals_ = list(energy.local), list(global_values)
+        others, param_names = _inputs(energy, [global_values[name] for name in globals_])
+
+        key = ("local", tuple(local), tuple(globals_), tuple(param_names), repr(energy.shapes), _signature(others))
 
         def value_and_grad(position: Position):
-            inputs = [position[name].detach() for name in local] + others
             if key not in self.recorded:
-                self.recorded[key] = self._record(energy, global_values, local, inputs)
-            with torch.no_grad():
-                value, *grads = self.recorded[key](*[t.detach() for t in inputs])
-                if self.options is not None:  # a CUDA graph's next replay overwrites its outputs
-                    value, grads = value.clone(), [g.clone() for g in grads]
+
+                def function(*flat):
+                    it = iter(flat)
+                    position = {name: next(it).requires_grad_(True) for name in local}
+                    values = {name: next(it) for name in globals_}
+                    bound = _bind(energy, it)
+                    with torch.enable_grad():
+                        value = bound.local_energy(values)(position)
+                        grads = torch.autograd.grad(value.sum(), [position[name] for name in local])
+                    return (value.detach(), *grads)
+
+                self.recorded[key] = self._record(function, [position[name] for name in local] + others)
+            value, *grads = self._run(self.recorded[key], [position[name] for name in local] + others)
             return value, dict(zip(local, grads))
 
         return value_and_grad
 
-    @staticmethod
-    def _inputs(energy: ModelEnergy, global_values: Position) -> "tuple[List[torch.Tensor], List[str]]":
-        """The tensors a recording reads besides the positions, and the parameter names."""
-        store = pyro.get_param_store()
-        param_names = sorted(energy.param_names)
-        data = [a for a in energy.args if torch.is_tensor(a)] + \
-            [v for _, v in sorted(energy.kwargs.items()) if torch.is_tensor(v)]
-        subsample = [energy.replay.nodes[n]["value"] for n in sorted(energy.replay.nodes)]
-        params = [store.get_param(name).unconstrained() for name in param_names]
-        return list(global_values.values()) + data + subsample + params, param_names
+    def log_joint_and_grad(self, energy: ModelEnergy, values: Position):
+        """Scaled ``log p_θ(x, z)`` at constrained ``values`` and its gradient with respect to
+        the model's parameters ``θ`` — what :meth:`ModelEnergy.log_joint` and a backward pass
+        give. Returns ``(log_p, params, grads)``: ``params`` the param store's unconstrained
+        tensors by name, ``grads`` their gradients (``None`` for a parameter the log-joint
+        does not use)."""
+        sites = sorted(values)
+        others, param_names = _inputs(energy, [values[name] for name in sites])
+        key = ("theta", tuple(sites), tuple(param_names), repr(energy.shapes), _signature(others))
+        if key not in self.recorded:
+            used = []  # which parameters the log-joint reaches (found while recording)
 
-    def _record(self, energy: ModelEnergy, global_values, local, inputs):
-        globals_ = list(global_values)
-        tensor_args = [i for i, a in enumerate(energy.args) if torch.is_tensor(a)]
-        tensor_kwargs = [k for k, v in sorted(energy.kwargs.items()) if torch.is_tensor(v)]
-        subsample = sorted(energy.replay.nodes)
+            def function(*flat):
+                it = iter(flat)
+                site_values = {name: next(it) for name in sites}
+                bound = _bind(energy, it)
+                params = list(it)  # the param store's own tensors while recording: leaves needing grad
+                with torch.enable_grad():
+                    log_p = bound.log_joint(site_values)[0]
+                    grads = torch.autograd.grad(log_p, params, allow_unused=True)
+                used[:] = [g is not None for g in grads]
+                return (log_p.detach(), *[g for g in grads if g is not None])
 
-        def function(*flat):
-            it = iter(flat)
-            position = {name: next(it).requires_grad_(True) for name in local}
-            values = {name: next(it) for name in globals_}
-            args, kwargs = list(energy.args), dict(energy.kwargs)
-            for i in tensor_args:
-                args[i] = next(it)
-            for k in tensor_kwargs:
-                kwargs[k] = next(it)
-            replay = energy.replay.copy()
-            for name in subsample:
-                replay.nodes[name] = dict(replay.nodes[name], value=next(it))
-            with torch.enable_grad():
-                value = energy.rebind(tuple(args), kwargs, replay).local_energy(values)(position)
-                grads = torch.autograd.grad(value.sum(), [position[name] for name in local])
-            return (value.detach(), *grads)
+            self.recorded[key] = (self._record(function, others), used)
+        recorded, used = self.recorded[key]
+        log_p, *found = self._run(recorded, others)
+        found = iter(found)
+        params = others[len(others) - len(param_names):]
+        return log_p, dict(zip(param_names, params)), [next(found) if u else None for u in used]
 
-        # The model reads its parameters (and the batch) as these very tensors; recording with them
-        # as the inputs makes them placeholders of the graph rather than constants.
+    def _record(self, function, inputs: List[torch.Tensor]):
+        """``function`` (forward and backward) as one graph; its inputs — the batch and the
+        parameters as these very tensors — become placeholders rather than constants."""
         with pyro.validation_enabled(False), torch.no_grad():
             recorded = make_fx(function)(*inputs)
         if self.options is not None:
             recorded = torch.compile(recorded, dynamic=False, **self.options)
         return recorded
+
+    def _run(self, recorded, inputs: List[torch.Tensor]):
+        with torch.no_grad():
+            outputs = recorded(*[t.detach() for t in inputs])
+            if self.options is not None:  # a CUDA graph's next replay overwrites its outputs
+                outputs = [t.clone() for t in outputs]
+        return outputs
+
+
+def _inputs(energy: ModelEnergy, leading: List[torch.Tensor]) -> "tuple[List[torch.Tensor], List[str]]":
+    """The tensors a recording reads after ``leading``: the batch's tensors, the replayed
+    subsample indices and the parameters (unconstrained, as the optimiser updates them); and
+    the parameters' names."""
+    store = pyro.get_param_store()
+    param_names = sorted(energy.param_names)
+    data = [a for a in energy.args if torch.is_tensor(a)] + \
+        [v for _, v in sorted(energy.kwargs.items()) if torch.is_tensor(v)]
+    subsample = [energy.replay.nodes[n]["value"] for n in sorted(energy.replay.nodes)]
+    params = [store.get_param(name).unconstrained() for name in param_names]
+    return list(leading) + data + subsample + params, param_names
+
+
+def _bind(energy: ModelEnergy, inputs) -> ModelEnergy:
+    """``energy`` on the batch tensors and subsample indices taken, in :func:`_inputs`' order,
+    from the iterator ``inputs`` (the parameters that follow are read by the model itself)."""
+    args, kwargs = list(energy.args), dict(energy.kwargs)
+    for i, a in enumerate(energy.args):
+        if torch.is_tensor(a):
+            args[i] = next(inputs)
+    for k in sorted(kwargs):
+        if torch.is_tensor(kwargs[k]):
+            kwargs[k] = next(inputs)
+    replay = energy.replay.copy()
+    for name in sorted(replay.nodes):
+        replay.nodes[name] = dict(replay.nodes[name], value=next(inputs))
+    return energy.rebind(tuple(args), kwargs, replay)
+
+
+def _signature(tensors: List[torch.Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)

@@ -383,19 +383,22 @@ class _Learner:
             self.local_precond = langevin.refresh(self.local_precond._replace(second_moment=moments))
 
     def theta_gradients(self, energy: ModelEnergy, kept):
-        """Accumulate ``∇θ -mean_k log p_θ(x, z_k)`` one sample at a time (memory flat in K).
+        """Accumulate ``∇θ -mean_k log p_θ(x, z_k)`` one sample at a time (memory flat in K),
+        through the recorded graph with ``jit_compile``.
 
-        Returns ``(params, grads, mean log-joint, last trace)``.
+        Returns ``(params, grads, mean log-joint, last trace)``; no trace from a recording.
         """
         params, grads, total, trace = None, None, 0.0, None
         for values in kept:
-            log_p, trace = energy.log_joint(values)
-            if params is None:
+            if self.compiled:
+                log_p, params, g = self.compiled.log_joint_and_grad(energy, values)
+                g = [None if b is None else -b / len(kept) for b in g]
+            else:
+                log_p, trace = energy.log_joint(values)
                 params = _param_tensors(trace)
-                grads = [None] * len(params)
-            if params and log_p.requires_grad:
-                g = torch.autograd.grad(-log_p / len(kept), list(params.values()), allow_unused=True)
-                grads = [_add(a, b) for a, b in zip(grads, g)]
+                g = torch.autograd.grad(-log_p / len(kept), list(params.values()), allow_unused=True) \
+                    if params and log_p.requires_grad else [None] * len(params)
+            grads = [_add(a, b) for a, b in zip(grads or [None] * len(g), g)]
             total = total + log_p.detach() / len(kept)
         return params, grads, total, trace
 
@@ -737,6 +740,9 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
     grads, g_grads, (log_joint, guide_loss, accept, drop, late) = reduced[:n], reduced[n:n + m], reduced[n + m:]
     checks = [log_joint] + list(grads) + list(g_grads) + ([guide_loss] if guide_loss is not None else [])
     if not _all_finite(checks):
+        if trace is None:  # θ's gradient came from a recording: trace the last sample for the report
+            with torch.no_grad():
+                trace = energy.log_joint(kept[-1])[1]
         _raise_nonfinite(learner, energy, trace, stats, iteration, history)
     _apply(learner.optim, params, grads)
     _apply(learner.guide_optim, g_params, g_grads)

@@ -231,8 +231,14 @@ def plate_log_prob(trace: poutine.Trace, plate_name: str, dims, sites=None):
 
 
 def batch_shapes(args, kwargs) -> list:
-    """The shapes (type names for non-tensors) of a batch's arguments, for messages and checks."""
-    describe = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
+    """The shapes of a batch's tensor arguments, the values of its scalar ones (a plate's full
+    size, say) and the type names of the rest, for messages and for deciding that two batches
+    share a model structure."""
+    def describe(v):
+        if torch.is_tensor(v):
+            return tuple(v.shape)
+        return v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
+
     return [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in (kwargs or {}).items()]
 
 

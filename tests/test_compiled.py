@@ -50,6 +50,38 @@ def test_the_recorded_energy_equals_pyros_on_later_batches_and_after_parameter_u
     assert len(compiled.recorded) == 1  # one recording served all three batches
 
 
+@pytest.mark.parametrize("options", [None, pytest.param({}, marks=pytest.mark.slow)], ids=["recorded", "compiled"])
+def test_the_recorded_theta_gradient_equals_pyros_and_leaves_unused_parameters_out(options):
+    def with_unused(x):
+        pyro.param("unused", torch.zeros(2))  # in the trace, not in the log-joint: no gradient
+        return model(x)
+
+    compiled = CompiledEnergies(options)
+    gen = torch.Generator().manual_seed(4)
+    for batch in range(3):
+        x = torch.randn(N, 3, generator=gen)
+        pyro.set_rng_seed(batch)
+        prototype = poutine.trace(with_unused).get_trace(x)
+        energy = ModelEnergy(with_unused, (x,), {}, prototype)
+        values = {n: prototype.nodes[n]["value"].detach() for n in ("z", "rate")}
+        log_p, trace = energy.log_joint(values)
+        names = [n for n, site in trace.nodes.items() if site["type"] == "param"]
+        params = [trace.nodes[n]["value"].unconstrained() for n in names]
+        reference = torch.autograd.grad(log_p, params, allow_unused=True)
+        rec_log_p, rec_params, rec_grads = compiled.log_joint_and_grad(energy, values)
+        assert torch.allclose(rec_log_p, log_p.detach(), rtol=1e-5)
+        assert set(rec_params) == set(names) and all(rec_params[n] is p for n, p in zip(names, params))
+        by_name = dict(zip(rec_params, rec_grads))
+        assert by_name["unused"] is None and reference[names.index("unused")] is None
+        for name, g in zip(names, reference):
+            if g is not None:
+                assert torch.allclose(by_name[name], g, rtol=1e-5, atol=1e-6), (batch, name)
+        with torch.no_grad():
+            decoder.bias.add_(0.1)
+        pyro.get_param_store()["scale"] = pyro.param("scale").detach() * 1.5
+    assert len(compiled.recorded) == 1
+
+
 def test_jit_compile_must_be_a_bool_or_torch_compile_options():
     with pytest.raises(TypeError, match="jit_compile must be True, False or a dict"):
         fit(model, None, [(torch.randn(N, 3),)], jit_compile="inductor", progress=False)

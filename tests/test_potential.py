@@ -9,7 +9,7 @@ import pyro.poutine as poutine
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 
 from pyro_lpc import fit, langevin
-from pyro_lpc.potential import ModelEnergy
+from pyro_lpc.potential import ModelEnergy, batch_shapes
 
 B, F = 5, 3
 
@@ -106,3 +106,12 @@ def test_log_joint_from_energy_is_refused_where_it_would_be_inexact():
 
     x = torch.randn(B)
     assert ModelEnergy(outside, (x,), {}, poutine.trace(outside).get_trace(x)).energy_scale is None
+
+
+def test_batches_share_a_model_structure_only_with_equal_shapes_and_scalar_arguments():
+    x = torch.zeros(B, F)
+    assert batch_shapes((x, 100), {"n": 3}) == batch_shapes((torch.ones(B, F), 100), {"n": 3})
+    # a plate's full size passed as an argument changes the scale N/B: no reuse across it
+    assert batch_shapes((x, 100), {}) != batch_shapes((x, 200), {})
+    assert batch_shapes((x,), {"n": 3}) != batch_shapes((x,), {"n": 4})
+    assert batch_shapes((x,), {}) != batch_shapes((torch.zeros(B + 1, F),), {})
