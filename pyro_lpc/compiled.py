@@ -115,7 +115,8 @@ class CompiledEnergies:
                 params = list(it)  # the param store's own tensors while recording: leaves needing grad
                 with torch.enable_grad():
                     log_p = bound.log_joint(site_values)[0]
-                    grads = torch.autograd.grad(log_p, params, allow_unused=True)
+                    grads = torch.autograd.grad(log_p, params, allow_unused=True) if params and log_p.requires_grad \
+                        else [None] * len(params)
                 used[:] = [g is not None for g in grads]
                 return (log_p.detach(), *[g for g in grads if g is not None])
 

@@ -102,3 +102,15 @@ def test_fit_with_jit_compile_follows_the_same_chains():
     (lj_ref, w_ref), (lj_jit, w_jit) = run(False), run(True)
     assert lj_jit == pytest.approx(lj_ref, rel=1e-4)
     assert torch.allclose(w_ref, w_jit, atol=1e-5)
+
+
+def test_a_model_without_parameters_runs_alike_recorded():
+    def no_params(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    x = torch.randn(20, generator=torch.Generator().manual_seed(5))
+    runs = [fit(no_params, None, [(x,)] * 3, num_steps=3, progress=False, seed=0, jit_compile=jit)["log_joint"]
+            for jit in (False, True)]
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
