@@ -77,21 +77,21 @@ class CompiledEnergies:
 
         key = ("local", tuple(local), tuple(globals_), tuple(param_names), repr(energy.shapes), _signature(others))
 
+        def function(*flat):
+            it = iter(flat)
+            position = {name: next(it).requires_grad_(True) for name in local}
+            values = {name: next(it) for name in globals_}
+            bound = _bind(energy, it)
+            with torch.enable_grad():
+                value = bound.local_energy(values)(position)
+                grads = torch.autograd.grad(value.sum(), [position[name] for name in local])
+            return (value.detach(), *grads)
+
         def value_and_grad(position: Position):
+            positions = [position[name].detach() for name in local]  # recording marks them as needing grad
             if key not in self.recorded:
-
-                def function(*flat):
-                    it = iter(flat)
-                    position = {name: next(it).requires_grad_(True) for name in local}
-                    values = {name: next(it) for name in globals_}
-                    bound = _bind(energy, it)
-                    with torch.enable_grad():
-                        value = bound.local_energy(values)(position)
-                        grads = torch.autograd.grad(value.sum(), [position[name] for name in local])
-                    return (value.detach(), *grads)
-
-                self.recorded[key] = self._record(function, [position[name] for name in local] + others)
-            value, *grads = self._run(self.recorded[key], [position[name] for name in local] + others)
+                self.recorded[key] = self._record(function, positions + others)
+            value, *grads = self._run(self.recorded[key], positions + others)
             return value, dict(zip(local, grads))
 
         return value_and_grad

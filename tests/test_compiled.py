@@ -40,6 +40,7 @@ def test_the_recorded_energy_equals_pyros_on_later_batches_and_after_parameter_u
         energy, position = energy_for(x, seed=batch)
         u_ref, g_ref = langevin.value_and_grad(energy.local_energy({}))(position)
         u_rec, g_rec = compiled(energy, {})(position)
+        assert not any(t.requires_grad for t in position.values())  # the caller's chain state is left alone
         assert torch.allclose(u_ref, u_rec, atol=1e-5), batch
         assert set(g_rec) == set(g_ref) == {"z", "rate"}
         assert all(torch.allclose(g_ref[k], g_rec[k], atol=1e-5) for k in g_ref), batch
