@@ -26,13 +26,19 @@ constants) are read as they were when recorded.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import pyro
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .potential import ModelEnergy, Position
+
+
+#: recordings after which a warning says that something keeps changing between batches
+MANY_RECORDINGS = 8
 
 
 class CompiledEnergies:
@@ -130,6 +136,12 @@ class CompiledEnergies:
     def _record(self, function, inputs: List[torch.Tensor]):
         """``function`` (forward and backward) as one graph; its inputs — the batch and the
         parameters as these very tensors — become placeholders rather than constants."""
+        if len(self.recorded) == MANY_RECORDINGS:
+            warnings.warn(
+                f"jit_compile has recorded {MANY_RECORDINGS} graphs: batches keep changing shape, or a "
+                "non-tensor argument of the model (a float, say) keeps changing value, and each new one is "
+                "recorded (and compiled) afresh. Pass such a value as a tensor, or use jit_compile=False.",
+                RuntimeWarning)
         with pyro.validation_enabled(False), torch.no_grad():
             recorded = make_fx(function)(*inputs)
         if self.options is not None:
@@ -145,13 +157,12 @@ class CompiledEnergies:
 
 
 def _inputs(energy: ModelEnergy, leading: List[torch.Tensor]) -> "tuple[List[torch.Tensor], List[str]]":
-    """The tensors a recording reads after ``leading``: the batch's tensors, the replayed
-    subsample indices and the parameters (unconstrained, as the optimiser updates them); and
-    the parameters' names."""
+    """The tensors a recording reads after ``leading``: the batch's tensors (also those inside
+    lists, tuples and dicts), the replayed subsample indices and the parameters (unconstrained,
+    as the optimiser updates them); and the parameters' names."""
     store = pyro.get_param_store()
     param_names = sorted(energy.param_names)
-    data = [a for a in energy.args if torch.is_tensor(a)] + \
-        [v for _, v in sorted(energy.kwargs.items()) if torch.is_tensor(v)]
+    data = [v for v in tree_flatten((list(energy.args), dict(energy.kwargs)))[0] if torch.is_tensor(v)]
     subsample = [energy.replay.nodes[n]["value"] for n in sorted(energy.replay.nodes)]
     params = [store.get_param(name).unconstrained() for name in param_names]
     return list(leading) + data + subsample + params, param_names
@@ -160,13 +171,8 @@ def _inputs(energy: ModelEnergy, leading: List[torch.Tensor]) -> "tuple[List[tor
 def _bind(energy: ModelEnergy, inputs) -> ModelEnergy:
     """``energy`` on the batch tensors and subsample indices taken, in :func:`_inputs`' order,
     from the iterator ``inputs`` (the parameters that follow are read by the model itself)."""
-    args, kwargs = list(energy.args), dict(energy.kwargs)
-    for i, a in enumerate(energy.args):
-        if torch.is_tensor(a):
-            args[i] = next(inputs)
-    for k in sorted(kwargs):
-        if torch.is_tensor(kwargs[k]):
-            kwargs[k] = next(inputs)
+    leaves, spec = tree_flatten((list(energy.args), dict(energy.kwargs)))
+    args, kwargs = tree_unflatten([next(inputs) if torch.is_tensor(v) else v for v in leaves], spec)
     replay = energy.replay.copy()
     for name in sorted(replay.nodes):
         replay.nodes[name] = dict(replay.nodes[name], value=next(inputs))

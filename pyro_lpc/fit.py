@@ -203,7 +203,7 @@ class _Learner:
                 guide_trace = self.warm.draw(args, kwargs)
                 replay = subsample_trace(guide_trace)
                 start = {n: guide_trace.nodes[n]["value"].detach() for n in latent_sites(guide_trace)}
-                if reuse_structure and self.structure and self.structure.shapes == batch_shapes(args, kwargs):
+                if reuse_structure and self._reusable(args, kwargs, replay, start):
                     return guide_trace, self.structure.rebind(args, kwargs, replay), start
             else:
                 guide_trace = None
@@ -234,6 +234,15 @@ class _Learner:
             self.global_position = energy.unconstrain({n: start[n] for n in energy.globals})
             self.global_values = {n: start[n] for n in energy.globals}
         return guide_trace, energy, start
+
+    def _reusable(self, args, kwargs, replay, start) -> bool:
+        """Whether the last batch's structure serves this one: the same shapes and scalar
+        arguments, the guide drew exactly the local latents, and it replays every subsample
+        site the model has (a model-only subsampled plate must be drawn once per batch, by
+        the prototype trace, not afresh at every chain step)."""
+        structure = self.structure
+        return (structure is not None and structure.shapes == batch_shapes(args, kwargs)
+                and set(start) == set(structure.local) and set(structure.replay.nodes) <= set(replay.nodes))
 
     def _check_sites(self, energy: ModelEnergy, guide_trace):
         if not energy.transforms:

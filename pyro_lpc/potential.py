@@ -156,9 +156,13 @@ def latent_sites(trace: poutine.Trace) -> List[str]:
 
 
 def site_log_prob(site, value: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Masked, *unscaled* log-density of a trace site at ``value`` (default: its own)."""
+    """Masked, *unscaled* log-density of a trace site at ``value`` (default: its own); the
+    mask is a boolean tensor or, as ``poutine.mask`` also allows, a plain bool."""
     log_p = site["fn"].log_prob(site["value"] if value is None else value)
-    return log_p if site["mask"] is None else torch.where(site["mask"], log_p, 0.0)
+    mask = site["mask"]
+    if mask is None or mask is True:
+        return log_p
+    return torch.zeros_like(log_p) if mask is False else torch.where(mask, log_p, 0.0)
 
 
 def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
@@ -231,12 +235,16 @@ def plate_log_prob(trace: poutine.Trace, plate_name: str, dims, sites=None):
 
 
 def batch_shapes(args, kwargs) -> list:
-    """The shapes of a batch's tensor arguments, the values of its scalar ones (a plate's full
-    size, say) and the type names of the rest, for messages and for deciding that two batches
-    share a model structure."""
+    """The shapes of a batch's tensor arguments (also inside lists, tuples and dicts), the
+    values of its scalar ones (a plate's full size, say) and the type names of the rest, for
+    messages and for deciding that two batches share a model structure."""
     def describe(v):
         if torch.is_tensor(v):
             return tuple(v.shape)
+        if isinstance(v, (list, tuple)):
+            return [describe(e) for e in v]
+        if isinstance(v, dict):
+            return {k: describe(e) for k, e in v.items()}
         return v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
 
     return [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in (kwargs or {}).items()]
@@ -287,8 +295,10 @@ class ModelEnergy:
 
     def _energy_scale(self, prototype: poutine.Trace) -> Optional[float]:
         """``s`` such that ``log p(x, z) = -s Σ_i U_i(z)`` exactly (Pyro's scales included), or
-        ``None``: every sample site lies inside the data plate with the one scalar scale ``s``
-        (e.g. N/B), and every latent is local and real-valued (no Jacobian term)."""
+        ``None``: every sample site lies inside the data plate with the one scale ``s``, a
+        Python number (N/B, or a float ``poutine.scale``: the batch's structure is reused only
+        across equal scalar arguments, while a tensor scale may change at equal shapes), and
+        every latent is local and real-valued (no Jacobian term)."""
         if self.plate is None or self.globals:
             return None
         if not all(_is_real(prototype.nodes[name]["fn"].support) for name in self.local):
@@ -298,7 +308,7 @@ class ModelEnergy:
             if site["type"] != "sample" or is_subsample(site):
                 continue
             scale = site["scale"]
-            if not in_plate(site, self.plate.name) or (torch.is_tensor(scale) and scale.numel() != 1):
+            if not in_plate(site, self.plate.name) or torch.is_tensor(scale):
                 return None
             scales.add(float(scale))
         return scales.pop() if len(scales) == 1 else None

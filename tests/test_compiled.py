@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_lpc import fit, langevin
-from pyro_lpc.compiled import CompiledEnergies
+from pyro_lpc.compiled import MANY_RECORDINGS, CompiledEnergies
 from pyro_lpc.potential import ModelEnergy
 
 N = 40
@@ -115,3 +115,30 @@ def test_a_model_without_parameters_runs_alike_recorded():
     runs = [fit(no_params, None, [(x,)] * 3, num_steps=3, progress=False, seed=0, jit_compile=jit)["log_joint"]
             for jit in (False, True)]
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
+def test_tensors_inside_container_arguments_are_inputs_and_changing_scalars_warn():
+    def listed(batch, offset):
+        x = batch["x"][0]
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z + offset, 0.5), obs=x)
+
+    compiled = CompiledEnergies()
+    gen = torch.Generator().manual_seed(6)
+
+    def check(offset):
+        args = ({"x": [torch.randn(10, generator=gen)]}, offset)  # new data inside a dict and a list
+        energy = ModelEnergy(listed, args, {}, poutine.trace(listed).get_trace(*args))
+        position = {"z": torch.randn(10, generator=gen)}
+        u_ref, g_ref = langevin.value_and_grad(energy.local_energy({}))(position)
+        u_rec, g_rec = compiled(energy, {})(position)
+        assert torch.allclose(u_rec, u_ref, atol=1e-5) and torch.allclose(g_rec["z"], g_ref["z"], atol=1e-5)
+
+    for _ in range(3):
+        check(0.5)
+    assert len(compiled.recorded) == 1  # one recording read each batch's data
+    with pytest.warns(RuntimeWarning, match="keeps changing value"):
+        for offset in range(MANY_RECORDINGS):  # a new scalar value: a new recording each time
+            check(float(offset))
+    assert len(compiled.recorded) == MANY_RECORDINGS + 1

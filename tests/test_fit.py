@@ -292,6 +292,31 @@ def test_reverse_term_from_the_chains_start_energy_changes_nothing(monkeypatch):
         assert torch.allclose(params_reused[name], value, atol=1e-5), name
 
 
+def test_a_subsampled_plate_of_the_model_alone_keeps_its_indices_through_an_iteration():
+    """The guide does not replay the model's pixel subsample: fit must draw it once per batch
+    (its prototype trace) and hold it for every evaluation of that iteration's chains, also
+    when later batches reuse the model's structure."""
+    seen = []
+    P = 20
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("pixels", P, subsample_size=3, dim=-2) as idx:
+                seen.append(tuple(idx.tolist()))
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x.T[idx])
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(x.shape[0]))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    x = torch.randn(8, P, generator=torch.Generator().manual_seed(0))
+    fit(model, guide, [(x,)] * 3, num_steps=4, progress=False, seed=0, data_plate="data")
+    assert len(seen) > 3 * 5  # every chain step evaluated the model
+    assert len(set(seen)) <= 3  # one index set per iteration (new draws: 3 of 20, rarely equal)
+
+
 def test_resume_is_bit_identical(tmp_path):
     x = ppca_data()[:300]
 

@@ -115,3 +115,24 @@ def test_batches_share_a_model_structure_only_with_equal_shapes_and_scalar_argum
     assert batch_shapes((x, 100), {}) != batch_shapes((x, 200), {})
     assert batch_shapes((x,), {"n": 3}) != batch_shapes((x,), {"n": 4})
     assert batch_shapes((x,), {}) != batch_shapes((torch.zeros(B + 1, F),), {})
+
+
+def test_a_tensor_scale_or_a_plain_bool_mask():
+    x = torch.randn(B)
+
+    def scaled(x):  # a tensor scale may change between batches of equal shapes: no energy_scale
+        with poutine.scale(scale=torch.tensor(0.5)), pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    assert ModelEnergy(scaled, (x,), {}, poutine.trace(scaled).get_trace(x)).energy_scale is None
+
+    def masked(x):  # poutine.mask also takes a plain bool
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with poutine.mask(mask=False):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    energy = ModelEnergy(masked, (x,), {}, poutine.trace(masked).get_trace(x))
+    z = torch.randn(B)
+    assert torch.allclose(energy.local_energy({})({"z": z}), -dist.Normal(0.0, 1.0).log_prob(z))
