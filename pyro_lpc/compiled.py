@@ -27,7 +27,7 @@ constants) are read as they were when recorded.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import pyro
 import torch
@@ -74,7 +74,8 @@ class CompiledEnergies:
         if options is not None and not isinstance(options, dict):
             raise TypeError(f"torch.compile options must be a dict or None, got {type(options).__name__}.")
         self.options = options
-        self.recorded: Dict[tuple, Callable] = {}
+        # a recording per key; for θ's gradient with which parameters it differentiates
+        self.recorded: Dict[tuple, Union[Callable, Tuple[Callable, List[bool]]]] = {}
 
     def __call__(self, energy: ModelEnergy, global_values: Position):
         """``position -> (U_i, {site: ∇U})`` for ``energy``'s batch (recorded on first use)."""

@@ -194,8 +194,8 @@ class _Learner:
     def chain_start(self, args, kwargs, iteration, reuse_structure=False):
         """Draw chain starts; returns (guide trace or None, ModelEnergy, start values).
 
-        With ``reuse_structure`` (a model without global latents) and a batch
-        shaped like the last one, the model is not traced here: the last batch's
+        With ``reuse_structure`` and a batch the last one's structure serves
+        (:meth:`_reusable`), the model is not traced here: the last batch's
         :class:`ModelEnergy` is rebound to this batch and the guide's draws (the
         first batch of those shapes was checked against the model)."""
         try:
@@ -236,12 +236,13 @@ class _Learner:
         return guide_trace, energy, start
 
     def _reusable(self, args, kwargs, replay, start) -> bool:
-        """Whether the last batch's structure serves this one: the same shapes and scalar
-        arguments, the guide drew exactly the local latents, and it replays every subsample
-        site the model has (a model-only subsampled plate must be drawn once per batch, by
-        the prototype trace, not afresh at every chain step)."""
+        """Whether the last batch's structure serves this one: a model without global latents
+        (their chain starts from the prototype), the same shapes and scalar arguments, the
+        guide drew exactly the local latents, and it replays every subsample site the model
+        has (a model-only subsampled plate must be drawn once per batch, by the prototype
+        trace, not afresh at every chain step)."""
         structure = self.structure
-        return (structure is not None and structure.shapes == batch_shapes(args, kwargs)
+        return (structure is not None and not structure.globals and structure.shapes == batch_shapes(args, kwargs)
                 and set(start) == set(structure.local) and set(structure.replay.nodes) <= set(replay.nodes))
 
     def _check_sites(self, energy: ModelEnergy, guide_trace):
@@ -720,8 +721,7 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
     if not learner.synced:
         _broadcast_params(learner, args, kwargs)
     steps = learner.schedule(iteration)
-    reuse = learner.structure is not None and not learner.structure.globals
-    guide_trace, energy, start = learner.chain_start(args, kwargs, iteration, reuse_structure=reuse)
+    guide_trace, energy, start = learner.chain_start(args, kwargs, iteration, reuse_structure=True)
     # global latents keep their persistent chain moving: at least one step then
     learner.num_steps = max(steps, 1 if energy.globals else 0)
     fused = None
