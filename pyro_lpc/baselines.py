@@ -11,11 +11,12 @@ import math
 from typing import Optional
 
 import pyro
-import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 from . import distributed
+from .checkpoint import register_params
 from .fit import FitResult, NonFiniteError, run_epochs
+from .potential import batch_shapes, find_data_plate
 
 OBJECTIVES = ("elbo", "iwae")
 
@@ -35,6 +36,7 @@ def fit_svi(
     checkpoint_dir: Optional[str] = None,
     resume: bool = False,
     max_plate_nesting: int = 1,
+    batch_args=None,
 ) -> FitResult:
     r"""Train ``model`` and ``guide`` jointly with ``pyro.infer.SVI``.
 
@@ -42,8 +44,12 @@ def fit_svi(
     ``"iwae"``: :math:`E[\log \frac1k \sum_j p(x,z_j)/q(z_j|x)]` with
     ``num_particles`` = k (vectorised over particles, so the model must be
     vectorisable with ``max_plate_nesting`` plates). History rows hold ``epoch``,
-    ``iteration``, ``elbo`` (the objective per data point of the mini-batch) and
-    ``time``.
+    ``iteration``, ``elbo`` and ``time``. ``elbo`` is ``-loss / N``, N the data
+    plate's full size: Pyro scales a subsampled plate's terms by N/B, so this
+    estimates the full-data objective per data point, as ``fit``'s ``log_joint``
+    (N is read from one trace of model and guide per distinct batch shape).
+    ``data``, ``batch_args`` and the checkpoint arguments are as for
+    :func:`pyro_lpc.fit`.
 
     Example::
 
@@ -72,6 +78,7 @@ def fit_svi(
         loss = Trace_ELBO()
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
     svi = SVI(model, guide, optim, loss)
+    num_data = {}  # N by batch shapes
 
     def step(args, kwargs, iteration, epoch, history):
         value = svi.step(*args, **kwargs)
@@ -81,8 +88,11 @@ def fit_svi(
                 "step's update, so restart from the last checkpoint.",
                 FitResult(list(history), {}),
             )
-        size = args[0].shape[0] if args and torch.is_tensor(args[0]) else 1
-        return {"epoch": epoch, "iteration": iteration, "elbo": -value / size}
+        shapes = repr(batch_shapes(args, kwargs))
+        if shapes not in num_data:
+            plate = find_data_plate(register_params(model, guide, args, kwargs))
+            num_data[shapes] = 1 if plate is None else plate.full_size or plate.size
+        return {"epoch": epoch, "iteration": iteration, "elbo": -value / num_data[shapes]}
 
     group = distributed.replicas()
     if group.world_size > 1:
@@ -95,6 +105,6 @@ def fit_svi(
         step, data, batch_size=batch_size, num_epochs=num_epochs, group=group, base_seed=base_seed,
         generator=generator, progress=progress,
         checkpoint_dir=checkpoint_dir, resume=resume, model=model, guide=guide,
-        optims={"optim": optim}, desc=f"svi-{objective}", key="elbo",
+        optims={"optim": optim}, desc=f"svi-{objective}", key="elbo", batch_args=batch_args,
     )
     return FitResult(history, {})

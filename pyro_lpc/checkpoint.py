@@ -68,6 +68,23 @@ def save_checkpoint(path: str, *, epoch: int, elapsed: float, optims: Dict[str, 
         raise
 
 
+def checkpoint_path(checkpoint_dir: str) -> str:
+    """The checkpoint file in ``checkpoint_dir``, checked before training: a ``ValueError``
+    when the folder (or a folder above it) exists but is not a directory. Creates nothing."""
+    folder = os.path.abspath(checkpoint_dir)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"checkpoint_dir={checkpoint_dir!r} cannot be a folder: {existing} exists and is not a directory."
+        )
+    path = os.path.join(folder, CHECKPOINT)
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint_dir={checkpoint_dir!r} holds a directory {path} where the checkpoint file goes.")
+    return path
+
+
 def read_checkpoint(path: str) -> dict:
     """Read a checkpoint, or raise a ``ValueError`` saying it is unreadable (nothing is changed)."""
     try:
@@ -94,14 +111,16 @@ def to_device(obj, device):
     return obj
 
 
-def register_params(model, guide, args, kwargs) -> None:
+def register_params(model, guide, args, kwargs) -> poutine.Trace:
     """Run ``guide`` and ``model`` once on a batch so that every ``pyro.param`` and
-    ``pyro.module`` is in the param store, leaving the random streams untouched."""
+    ``pyro.module`` is in the param store, leaving the random streams untouched.
+    Returns the model's trace (on the guide's subsample indices)."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=devices):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
         replay = subsample_trace(guide_trace) if guide_trace is not None else None
-        poutine.trace(model if replay is None else poutine.replay(model, trace=replay)).get_trace(*args, **kwargs)
+        return poutine.trace(model if replay is None else poutine.replay(model, trace=replay)).get_trace(
+            *args, **kwargs)
 
 
 def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "pyro.optim.PyroOptim"]) -> dict:

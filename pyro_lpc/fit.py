@@ -22,6 +22,8 @@ several are), or the one named by ``data_plate``.
 """
 from __future__ import annotations
 
+import inspect
+import numbers
 import os
 import time
 import warnings
@@ -33,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, langevin
-from .checkpoint import CHECKPOINT, load_checkpoint, register_params, restore_rng, save_checkpoint, save_rng
+from .checkpoint import checkpoint_path, load_checkpoint, register_params, restore_rng, save_checkpoint, save_rng
 from .compiled import CompiledEnergies
 from .potential import ModelEnergy, batch_shapes, latent_sites, nonfinite_in_trace, subsample_trace
 from .schedule import AdaptiveSteps, StepSizeAdaptation, steps_schedule
@@ -112,11 +114,11 @@ def _kept_steps(keep, num_steps: int) -> set:
     return set(chosen or steps[-1:])
 
 
-def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Generator] = None):
+def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Generator] = None, batch_args=None):
     """Mini-batches of ``data`` for one epoch, as ``(args, kwargs)``: a tensor is split
     along dim 0 (shuffled with ``generator``, a CPU generator, unless ``shuffle=False``);
     an iterable yields tuples (``model(*batch)``), dicts (``model(**batch)``) or
-    single arguments."""
+    single arguments, each first mapped by ``batch_args(batch)`` when given."""
     if torch.is_tensor(data):
         if batch_size is None:
             raise ValueError("data is a tensor: give batch_size to split it into mini-batches.")
@@ -129,6 +131,8 @@ def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Genera
             yield (data[idx],), {}
         return
     for batch in data:
+        if batch_args is not None:
+            batch = batch_args(batch)
         if isinstance(batch, dict):
             yield (), batch
         elif isinstance(batch, (tuple, list)):
@@ -513,6 +517,7 @@ def fit(
     data_plate: Optional[str] = None,
     recorder=None,
     jit_compile: Union[bool, dict] = False,
+    batch_args=None,
 ) -> FitResult:
     r"""Learn the parameters θ of a Pyro ``model`` by Langevin Predictive Coding.
 
@@ -529,8 +534,13 @@ def fit(
     :param guide: an amortised guide (or a :class:`~pyro_lpc.WarmStart`); φ is
         its parameters that are not also the model's. ``None``: encoder-free.
     :param data: an iterable of batches (a tuple/list batch is passed as
-        ``model(*batch)``, a dict as ``model(**batch)``) or a tensor split into
-        shuffled mini-batches of ``batch_size`` each epoch.
+        ``model(*batch)``, a dict as ``model(**batch)``, anything else as
+        ``model(batch)``) or a tensor split into shuffled mini-batches of
+        ``batch_size`` each epoch.
+    :param batch_args: maps each batch of an iterable ``data`` to the model's
+        arguments, by the same rule (a tuple: positional, a dict: keyword, else
+        one argument): ``batch_args=lambda batch: batch[0]`` trains ``model(x)``
+        on a ``DataLoader`` of ``(image, label)`` pairs, as Pyro's VAE example.
     :param num_steps: Langevin steps K per mini-batch: an int (0: θ steps on the
         guide's draws; needs a guide with the reverse or Jeffreys objective),
         ``"auto"`` (:class:`~pyro_lpc.schedule.AdaptiveSteps`: starts at 20,
@@ -601,8 +611,6 @@ def fit(
         global_step_size = langevin.check_step_size(global_step_size)
     langevin.check_precondition(precondition, adjust)
     keep = _check_keep(keep, schedule.max_steps)
-    if data is None:
-        raise ValueError("fit needs data: an iterable of batches or a tensor with batch_size.")
     if guide is not None and not isinstance(guide, WarmStart):
         guide = WarmStart(guide, objective=warm_start)
     if guide is None or guide.objective == "forward":
@@ -629,7 +637,7 @@ def fit(
         checkpoint_dir=checkpoint_dir, resume=resume, model=model, guide=guide,
         optims={"optim": optim, "guide_optim": guide_optim}, state=learner,
         on_epoch=None if recorder is None else lambda epoch: recorder.record(learner, epoch),
-        desc="fit", key="log_joint",
+        desc="fit", key="log_joint", batch_args=batch_args,
     )
     return FitResult(history, learner.state_dict())
 
@@ -648,21 +656,25 @@ def _without_zero_steps(schedule, why: str) -> None:
 
 
 def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generator, progress, checkpoint_dir,
-               resume, model, guide, optims, state=None, on_epoch=None, desc="fit", key="log_joint") -> List[dict]:
+               resume, model, guide, optims, state=None, on_epoch=None, desc="fit", key="log_joint",
+               batch_args=None) -> List[dict]:
     """The epoch loop shared by :func:`fit` and :func:`~pyro_lpc.baselines.fit_svi`.
 
     ``step(args, kwargs, iteration, epoch, history)`` trains on one mini-batch and
     returns its history row (``time`` is added here). Deals this rank its share
-    of each epoch (``group.shard``; a tensor is shuffled with ``generator``),
-    resumes from and writes (rank 0) a checkpoint after each epoch (params,
-    ``optims``, every rank's RNG states, ``generator``, history and
-    ``state.state_dict()``), and shows a progress bar of ``key`` on rank 0.
+    of each epoch (``group.shard``; a tensor is shuffled with ``generator``; an
+    iterable's batches mapped by ``batch_args``), resumes from and writes (rank 0)
+    a checkpoint after each epoch (params, ``optims``, every rank's RNG states,
+    ``generator``, history and ``state.state_dict()``), and shows a progress bar
+    of ``key`` on rank 0. Bad inputs are refused before anything is trained or written.
     """
+    _check_inputs(data, num_epochs, batch_args)
     history: List[dict] = []
     start_epoch, elapsed = 0, 0.0
-    path = os.path.join(checkpoint_dir, CHECKPOINT) if checkpoint_dir else None
+    path = checkpoint_path(checkpoint_dir) if checkpoint_dir else None
     def epoch_batches(epoch):
-        batches = minibatches(data, batch_size * group.world_size if batch_size else None, generator=generator)
+        batches = minibatches(data, batch_size * group.world_size if batch_size else None, generator=generator,
+                              batch_args=batch_args)
         return group.shard(batches, data, epoch)
 
     if resume:
@@ -670,7 +682,8 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
             raise ValueError("resume=True needs checkpoint_dir.")
         # rank 0 decides (a rank that cannot read the checkpoint then fails instead of starting afresh)
         if group.broadcast_object(os.path.exists(path) if group.is_main else None):
-            args, kwargs = next(iter(minibatches(data, batch_size, shuffle=False)))
+            args, kwargs = next(iter(minibatches(data, batch_size, shuffle=False, batch_args=batch_args)))
+            _check_call(model, guide, args, kwargs)
             checkpoint = load_checkpoint(path, model, guide, args, kwargs, optims)
             if state is not None:
                 state.load_state_dict(checkpoint["sampler"])
@@ -679,18 +692,23 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
             _restore_streams(checkpoint, group, generator, start_epoch)
         else:
             warnings.warn(f"resume=True but no checkpoint at {path}; starting from scratch.")
-    iteration = len(history)
+    iteration = first = len(history)
     clock = time.perf_counter() - elapsed
     bar = tqdm(total=group.num_batches(data, batch_size) * num_epochs or None, initial=iteration,
                disable=not (progress and group.is_main), desc=desc, unit="it")
     for epoch in range(start_epoch, num_epochs):
         for args, kwargs in epoch_batches(epoch):
+            if iteration == first:
+                _check_call(model, guide, args, kwargs)
             row = step(args, kwargs, iteration, epoch, history)
             row["time"] = time.perf_counter() - clock
             history.append(row)
             iteration += 1
             bar.update(1)
             bar.set_postfix(epoch=epoch, **{key: f"{row[key]:.3f}"}, refresh=False)
+        if iteration == first:
+            raise ValueError(f"data yielded no mini-batch in epoch {epoch}: nothing was trained or written "
+                             "(an iterator is used up after one pass; give a list or a DataLoader).")
         if on_epoch is not None:
             on_epoch(epoch)
         if path:
@@ -702,6 +720,53 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
                                 generator=generator.get_state(), **extra)
     bar.close()
     return history
+
+
+def _check_inputs(data, num_epochs, batch_args) -> None:
+    """Refuse inputs that would train nothing or fail late."""
+    if not isinstance(num_epochs, numbers.Integral) or isinstance(num_epochs, bool) or num_epochs < 1:
+        raise ValueError(f"num_epochs must be a positive integer, got {num_epochs!r}.")
+    if data is None:
+        raise ValueError("data is None: give an iterable of batches or a tensor with batch_size.")
+    if batch_args is not None and not callable(batch_args):
+        raise TypeError(f"batch_args must be a callable mapping one batch to the model's arguments, "
+                        f"got {type(batch_args).__name__}.")
+    if torch.is_tensor(data):
+        if data.dim() == 0:
+            raise ValueError("data is a 0-dimensional tensor: a tensor is split into mini-batches along dim 0.")
+        if data.shape[0] == 0:
+            raise ValueError(f"data is an empty tensor of shape {tuple(data.shape)}: no data point to train on.")
+        if batch_args is not None:
+            raise ValueError("batch_args maps the batches of an iterable data; each mini-batch of a tensor "
+                             "is passed as model(x).")
+        return
+    try:
+        size = len(data)
+    except TypeError:  # an iterator: found empty when its first epoch yields nothing
+        return
+    if size == 0:
+        raise ValueError(f"data ({type(data).__name__}) has no mini-batch (length 0): nothing to train on.")
+
+
+def _check_call(model, guide, args, kwargs) -> None:
+    """A ``TypeError`` naming ``batch_args`` when a batch's arguments do not fit the
+    signature of ``model`` or ``guide`` (a loader's ``(image, label)`` pairs for ``model(x)``)."""
+    guide = guide.guide if isinstance(guide, WarmStart) else guide
+    for role, fn in (("model", model), ("guide", guide)):
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # None, or a callable without a signature
+            continue
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(
+                f"The batch gives the {role} {len(args)} positional argument(s) of shape(s) "
+                f"{batch_shapes(args, {})} and keyword argument(s) {sorted(kwargs)}, which "
+                f"{getattr(fn, '__qualname__', role)}{signature} does not take ({error}). A tuple or list batch "
+                f"is passed as {role}(*batch), a dict as {role}(**batch); map each batch to the model's "
+                "arguments with batch_args=, e.g. batch_args=lambda batch: batch[0] for (image, label) pairs."
+            ) from None
 
 
 def _restore_streams(checkpoint, group, generator, epoch):
