@@ -17,8 +17,16 @@ posterior). Sites outside it are *global*: one persistent chain carried across
 mini-batches, driven by the *scaled* mini-batch energy (stochastic-gradient
 Langevin, unpreconditioned, step ``step_size / N`` by default). Global chains are never Metropolis-adjusted (a mini-batch energy
 admits no exact test), so ``adjust=True`` requires all latents to be local. The
-data plate is the plate shared by all observed sites (the subsampled one if
-several are), or the one named by ``data_plate``.
+data plate is the outermost plate shared by all observed sites, or the one named
+by ``data_plate``.
+
+**Scales.** A site's Pyro scale is the product of subsampling factors (N/B of the
+data plate, and of an inner subsampled plate) and the user's own
+(``poutine.scale``: β-VAE or annealing weights, tempering). The local chains'
+per-point energy divides out the subsampling factors only; θ's step and the
+global chain see Pyro's full scales, as ``SVI`` and Pyro's HMC potential do. A
+site outside the data plate whose log-density depends on local latents couples
+the data points and is refused (:meth:`~pyro_lpc.potential.ModelEnergy.check_factorises`).
 """
 from __future__ import annotations
 
@@ -159,6 +167,7 @@ class _Learner:
         self.generator = generator  # drawn alike on every rank: the global chain's noise
         self.synced = False  # parameters broadcast from rank 0 yet?
         self.structure = None  # the last batch's ModelEnergy, reused by later batches of its shapes
+        self.factorising_shapes = set()  # batch shapes whose model was checked to factorise over data points
         # the local chains' recorded value-and-gradient (True: as recorded; a dict: torch.compile options)
         self.compiled = None if jit_compile is False else CompiledEnergies(None if jit_compile is True else jit_compile)
         self.schedule = schedule  # K per mini-batch (schedule.FixedSteps / AdaptiveSteps)
@@ -232,6 +241,9 @@ class _Learner:
             raise RuntimeError(message) from error
         energy = ModelEnergy(self.model, args, kwargs, prototype, self.data_plate)
         self._check_sites(energy, guide_trace)
+        if repr(energy.shapes) not in self.factorising_shapes:  # structural: once per batch shape
+            energy.check_factorises(start)
+            self.factorising_shapes.add(repr(energy.shapes))
         self.structure = energy
         if self.global_position is None and energy.globals:
             self.group.broadcast([start[n] for n in energy.globals])  # one global chain for all ranks

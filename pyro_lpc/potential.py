@@ -31,7 +31,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
-from pyro.distributions.util import sum_rightmost as _sum_rightmost
+from pyro.distributions.util import scale_and_mask, sum_rightmost as _sum_rightmost
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.mcmc.util import initialize_model
@@ -155,14 +155,24 @@ def latent_sites(trace: poutine.Trace) -> List[str]:
     ]
 
 
+def subsample_factor(site) -> float:
+    """The part of a site's Pyro scale that plate subsampling contributes: the product of
+    ``size / subsample_size`` over the subsampled plates holding it (1 if none)."""
+    factor = 1.0
+    for frame in site["cond_indep_stack"]:
+        if frame.full_size is not None and frame.full_size != frame.size:
+            factor = factor * frame.full_size / frame.size
+    return factor
+
+
 def site_log_prob(site, value: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Masked, *unscaled* log-density of a trace site at ``value`` (default: its own); the
-    mask is a boolean tensor or, as ``poutine.mask`` also allows, a plain bool."""
+    r"""Log-density of a trace site at ``value`` (default: its own) as one data point's
+    posterior sees it: masked, scaled by the user's factors (``poutine.scale``: β-VAE or
+    annealing weights, tempering) but **not** by subsampling, i.e. ``scale / c`` with
+    ``c`` = :func:`subsample_factor`. The mask is a boolean tensor or, as ``poutine.mask``
+    also allows, a plain bool."""
     log_p = site["fn"].log_prob(site["value"] if value is None else value)
-    mask = site["mask"]
-    if mask is None or mask is True:
-        return log_p
-    return torch.zeros_like(log_p) if mask is False else torch.where(mask, log_p, 0.0)
+    return scale_and_mask(log_p, site["scale"] / subsample_factor(site), site["mask"])
 
 
 def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
@@ -179,26 +189,30 @@ def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
 
 
 def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
-    """The plate that indexes data points: the one named ``name``, or else the
-    plate shared by every observed site inside a plate (the subsampled one, or
-    the outermost, if several are shared). ``None`` when they share no plate."""
-    frames = {}
+    """The plate that indexes data points: the one named ``name``, or else the outermost
+    plate shared by every observed site inside a plate (an inner plate, subsampled or
+    not, indexes parts of a data point: pixels, time steps). ``None`` when they share no
+    plate. Observed sites outside every plate are not data points (see
+    :meth:`ModelEnergy.coupled_sites`)."""
+    frames, order = {}, {}
     shared = None
     for site in trace.nodes.values():
         if site["type"] != "sample" or is_subsample(site):
             continue
-        stack = {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
-        frames.update(stack)
-        if site["is_observed"] and stack:  # observed sites outside every plate are not data
-            shared = set(stack) if shared is None else shared & set(stack)
+        stack = [f for f in site["cond_indep_stack"] if f.vectorized]  # outermost first
+        for depth, frame in enumerate(stack):
+            frames[frame.name] = frame
+            order[frame.name] = min(depth, order.get(frame.name, depth))
+        if site["is_observed"] and stack:
+            names = {f.name for f in stack}
+            shared = names if shared is None else shared & names
     if name is not None:
         if name not in frames:
             raise ValueError(f"data_plate={name!r} is not a plate of the model (plates: {sorted(frames)}).")
         return frames[name]
     if not shared:
         return None
-    subsampled = [n for n in shared if frames[n].full_size not in (None, frames[n].size)]
-    return frames[subsampled[0]] if subsampled else frames[min(shared, key=lambda n: frames[n].dim)]
+    return frames[min(shared, key=lambda n: order[n])]
 
 
 def _is_real(support) -> bool:
@@ -223,7 +237,7 @@ def sum_except(value: torch.Tensor, dims) -> torch.Tensor:
 
 
 def plate_log_prob(trace: poutine.Trace, plate_name: str, dims, sites=None):
-    """Unscaled, masked ``Σ_s log p(s_i)`` over the sample sites of ``trace`` inside the plate
+    """Masked ``Σ_s log p(s_i)`` with the user's scales (:func:`site_log_prob`) over the sample sites of ``trace`` inside the plate
     (all, or those named in ``sites``), reduced with :func:`sum_except` to ``dims``."""
     total = 0.0
     for name, site in trace.nodes.items():
@@ -258,9 +272,13 @@ class ModelEnergy:
     unconstrained; local positions carry the data-point (chain) dimension first.
 
     * :meth:`local_energy` — per data point ``i``,
-      ``U_i = -Σ_s log p(s_i | ...) - log|J_i|`` over the sites inside the data
-      plate, **without** the plate's N/B subsampling scale: the posterior of a
-      data point's latents involves only its own prior and likelihood.
+      ``U_i = -Σ_s (s_s / c_s) log p(s_i | ...) - log|J_i|`` over the sites inside
+      the data plate: each site's Pyro scale ``s_s`` (the user's ``poutine.scale``
+      factors times subsampling's) with the subsampling factor ``c_s``
+      (:func:`subsample_factor`: the data plate's N/B and an inner subsampled
+      plate's) divided out. A data point's posterior involves only its own prior
+      and likelihood, as the user weighted them; given an inner subsample, the
+      chains sample the posterior given the observed part.
     * :meth:`joint_value_and_grad` — the above and, for the global latents,
       ``-log p(x, z) - log|J|`` **with** Pyro's scales (a stochastic-gradient
       estimate of the full-data energy), from one model evaluation.
@@ -291,27 +309,56 @@ class ModelEnergy:
                 self.chain_axis[name] = site["value"].dim() - site["fn"].event_dim + self.plate.dim
             else:
                 self.globals.append(name)
+        # sample sites outside the data plate: global latents, observations and factors of the whole batch
+        self.outside = [n for n, site in prototype.nodes.items() if site["type"] == "sample" and not is_subsample(site)
+                        and (self.plate is None or not in_plate(site, self.plate.name))]
         self.energy_scale = self._energy_scale(prototype)
 
     def _energy_scale(self, prototype: poutine.Trace) -> Optional[float]:
-        """``s`` such that ``log p(x, z) = -s Σ_i U_i(z)`` exactly (Pyro's scales included), or
-        ``None``: every sample site lies inside the data plate with the one scale ``s``, a
-        Python number (N/B, or a float ``poutine.scale``: the batch's structure is reused only
-        across equal scalar arguments, while a tensor scale may change at equal shapes), and
-        every latent is local and real-valued (no Jacobian term)."""
-        if self.plate is None or self.globals:
+        """``c`` such that ``log p(x, z) = -c Σ_i U_i(z)`` exactly, Pyro's scales included, or
+        ``None``. It exists when every sample site lies inside the data plate with the same
+        subsampling factor ``c`` (:func:`subsample_factor`; the user's scales are in ``U_i``)
+        and every latent is local and real-valued (no Jacobian term)."""
+        if self.plate is None or self.outside:
             return None
         if not all(_is_real(prototype.nodes[name]["fn"].support) for name in self.local):
             return None
-        scales = set()
-        for site in prototype.nodes.values():
-            if site["type"] != "sample" or is_subsample(site):
-                continue
-            scale = site["scale"]
-            if not in_plate(site, self.plate.name) or torch.is_tensor(scale):
-                return None
-            scales.add(float(scale))
-        return scales.pop() if len(scales) == 1 else None
+        factors = {subsample_factor(site) for site in prototype.nodes.values()
+                   if site["type"] == "sample" and not is_subsample(site)}
+        return factors.pop() if len(factors) == 1 else None
+
+    def coupled_sites(self, values: Position) -> List[str]:
+        """Sample sites outside the data plate whose log-density depends on the local latents
+        (found by autograd at the constrained ``values``: one model evaluation). Such a site
+        (an observation or ``pyro.factor`` of the whole batch, or a global latent whose
+        distribution reads local ones) couples the data points: ``p(z | x)`` no longer
+        factorises over them, so per-point chains cannot sample it."""
+        if not self.local or not self.outside:
+            return []
+        leaves = {name: values[name].detach().requires_grad_(True) for name in self.local}
+        coupled = []
+        with torch.enable_grad():
+            trace = self.trace({**values, **leaves})
+            for name in self.outside:
+                site = trace.nodes[name]
+                log_p = site["fn"].log_prob(site["value"])
+                if log_p.requires_grad and any(
+                    g is not None for g in torch.autograd.grad(log_p.sum(), list(leaves.values()), allow_unused=True)
+                ):
+                    coupled.append(name)
+        return coupled
+
+    def check_factorises(self, values: Position) -> None:
+        """Raise a ``ValueError`` naming the sites found by :meth:`coupled_sites`."""
+        coupled = self.coupled_sites(values)
+        if coupled:
+            raise ValueError(
+                f"Site(s) {coupled} lie outside the data plate '{self.plate.name}' but their log-density "
+                f"depends on the local latent site(s) {self.local}: they couple the data points, so the "
+                "posterior does not factorise into one chain per data point, and per-point chains would "
+                "silently leave these terms out. Move such a site inside the data plate (one term per data "
+                "point), or sample the model jointly with pyro_lpc.PCLangevin (one chain over all latents)."
+            )
 
     @property
     def shapes(self):
@@ -350,7 +397,8 @@ class ModelEnergy:
             return poutine.trace(model).get_trace(*self.args, **self.kwargs)
 
     def _local_terms(self, trace: poutine.Trace, ladj: Position) -> torch.Tensor:
-        """``-Σ log p - log|J|`` per data point over the sites inside the data plate, unscaled."""
+        """``-Σ log p - log|J|`` per data point over the sites inside the data plate, with the user's
+        scales but not subsampling's (:func:`site_log_prob`)."""
         dims = (self.plate.dim,)
         total = plate_log_prob(trace, self.plate.name, dims)
         for name in self.local:

@@ -17,8 +17,9 @@ from typing import Dict, List, Optional
 
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 
-from .potential import latent_sites, site_log_prob, subsample_trace
+from .potential import latent_sites, subsample_trace
 
 OBJECTIVES = ("forward", "reverse", "jeffreys")
 
@@ -116,4 +117,5 @@ class WarmStart:
 
 
 def _scaled_log_prob(site, value: torch.Tensor) -> torch.Tensor:
-    return (site["scale"] * site_log_prob(site, value)).sum()
+    """Pyro's scaled, masked log-density of ``site`` at ``value``, summed (as ``Trace_ELBO``)."""
+    return scale_and_mask(site["fn"].log_prob(value), site["scale"], site["mask"]).sum()
