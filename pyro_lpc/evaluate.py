@@ -109,7 +109,16 @@ def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
         )
     if guide_trace is None:
         return
-    guide_latents = latent_sites(guide_trace)
+    from .warm_start import guide_sites, is_auxiliary  # noqa: PLC0415 (this check's region only)
+
+    guide_latents = guide_sites(guide_trace)  # an autoguide's auxiliary sites are the guide's own
+    auxiliary = [n for n in latent_sites(guide_trace) if is_auxiliary(guide_trace.nodes[n])]
+    if auxiliary and method == "ais":
+        raise ValueError(
+            f"method='ais' evaluates the guide's density at the annealed states by conditioning it on "
+            f"the model's sites, which a guide with auxiliary site(s) {auxiliary} (an autoguide) does "
+            "not allow. Use method='iwae', or guide=None to anneal from the prior."
+        )
     unknown = sorted(set(guide_latents) - set(latents))
     missing = sorted(set(latents) - set(guide_latents))
     if unknown or missing:
@@ -118,7 +127,7 @@ def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
             f"guide-only site(s) {unknown}, site(s) the guide leaves out {missing}. "
             "Pass guide=None to propose from the prior."
         )
-    bad = [n for n in guide_latents if not in_plate(guide_trace.nodes[n], plate.name)]
+    bad = [n for n in guide_latents + auxiliary if not in_plate(guide_trace.nodes[n], plate.name)]
     if bad:
         raise ValueError(
             f"The guide samples site(s) {bad} outside the data plate '{plate.name}'; their density "

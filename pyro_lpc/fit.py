@@ -215,7 +215,8 @@ class _Learner:
             if self.warm is not None:
                 guide_trace = self.warm.draw(args, kwargs)
                 replay = subsample_trace(guide_trace)
-                start = {n: guide_trace.nodes[n]["value"].detach() for n in latent_sites(guide_trace)}
+                # the model sites' values (an autoguide's auxiliary sites are the guide's own)
+                start = {n: v.detach() for n, v in self.warm.values(guide_trace).items()}
                 if reuse_structure and self._reusable(args, kwargs, replay, start):
                     return guide_trace, self.structure.rebind(args, kwargs, replay), start
             else:
@@ -282,7 +283,7 @@ class _Learner:
             )
         if guide_trace is None:
             return
-        guide_sites = set(latent_sites(guide_trace))
+        guide_sites = set(self.warm.values(guide_trace))
         unknown = sorted(guide_sites - set(energy.transforms))
         if unknown:
             raise ValueError(
@@ -296,6 +297,7 @@ class _Learner:
                 f"(inside plate '{energy.plate.name}'); the warm start needs a draw for every "
                 "local latent. Global latents may be left out."
             )
+        self.warm.check(guide_trace, energy.transforms)
 
     def run_chains(self, energy: ModelEnergy, start, keep=None, move_globals=True):
         """K Langevin steps; returns the kept samples (constrained, detached) and chain
@@ -442,7 +444,7 @@ class _Learner:
                 return energy.log_joint_from_energy(values, *start_energy)
             return energy.log_joint({**self.global_values, **values})[0]
 
-        loss = self.warm.loss(guide_trace, kept, args, kwargs, log_joint)
+        loss = self.warm.loss(guide_trace, kept, args, kwargs, log_joint, energy.transforms)
         params = {k: v for k, v in _param_tensors(guide_trace).items() if k not in theta}
         if not params:
             return {}, [], loss.detach()
@@ -471,7 +473,7 @@ class _Learner:
             evaluated["log_p"], evaluated["trace"] = energy.log_joint({**self.global_values, **values})
             return evaluated["log_p"]
 
-        loss = self.warm.loss(guide_trace, [start], args, kwargs, log_joint)
+        loss = self.warm.loss(guide_trace, [start], args, kwargs, log_joint, energy.transforms)
         theta = _param_tensors(evaluated["trace"])
         phi = _param_tensors(guide_trace)
         if set(theta) & set(phi):
@@ -872,5 +874,3 @@ def _raise_nonfinite(learner, energy, trace, stats, iteration, history):
         f"(now {learner.step_size:g}) or a smaller learning rate.",
         FitResult(list(history), learner.state_dict()),
     )
-
-

@@ -178,10 +178,13 @@ class PCLangevin(MCMCKernel):
             return self.potential_fn(position)
 
     def _guide_params(self, params, args, kwargs):
-        """Unconstrained starting values drawn from the ``init`` guide."""
+        """Unconstrained starting values drawn from the ``init`` guide: the values of its
+        non-auxiliary sites (an autoguide's auxiliary sites are its own variables)."""
+        from .warm_start import guide_values  # noqa: PLC0415 (this method's region only)
+
         with torch.no_grad(), poutine.block():
             trace = poutine.trace(self.init).get_trace(*args, **kwargs)
-        drawn = {name: trace.nodes[name]["value"].detach() for name in latent_sites(trace)}
+        drawn = {name: value.detach() for name, value in guide_values(trace).items()}
         unknown = sorted(set(drawn) - set(params))
         if unknown:
             raise ValueError(
