@@ -10,7 +10,9 @@ graph directly. Everything that changes between calls is an input of the
 recording: the chain positions, the global latents' values, the batch's tensors,
 the replayed subsample indices and the model's parameters (the param store's
 unconstrained tensors, which the optimiser updates in place). So one recording
-serves every batch of that shape. θ's gradient at the kept samples,
+serves every batch of that shape. So are the sample sites' scales, as traced on
+the batch: a scale read from Python state (an annealed β-VAE weight) changes the
+recording's result, not the recording. θ's gradient at the kept samples,
 ``∇θ log p_θ(x, z_k)``, is recorded the same way
 (:meth:`CompiledEnergies.log_joint_and_grad`).
 
@@ -31,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import pyro
 import torch
+from pyro.poutine.messenger import Messenger
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -82,7 +85,8 @@ class CompiledEnergies:
         local, globals_ = list(energy.local), list(global_values)
         others, param_names = _inputs(energy, [global_values[name] for name in globals_])
 
-        key = ("local", tuple(local), tuple(globals_), tuple(param_names), repr(energy.shapes), _signature(others))
+        key = ("local", tuple(local), tuple(globals_), tuple(param_names), tuple(sorted(energy.scales)),
+               repr(energy.shapes), _signature(others))
 
         def function(*flat):
             it = iter(flat)
@@ -111,7 +115,8 @@ class CompiledEnergies:
         does not use)."""
         sites = sorted(values)
         others, param_names = _inputs(energy, [values[name] for name in sites])
-        key = ("theta", tuple(sites), tuple(param_names), repr(energy.shapes), _signature(others))
+        key = ("theta", tuple(sites), tuple(param_names), tuple(sorted(energy.scales)), repr(energy.shapes),
+               _signature(others))
         if key not in self.recorded:
             used = []  # which parameters the log-joint reaches (found while recording)
 
@@ -159,25 +164,43 @@ class CompiledEnergies:
 
 def _inputs(energy: ModelEnergy, leading: List[torch.Tensor]) -> "tuple[List[torch.Tensor], List[str]]":
     """The tensors a recording reads after ``leading``: the batch's tensors (also those inside
-    lists, tuples and dicts), the replayed subsample indices and the parameters (unconstrained,
-    as the optimiser updates them); and the parameters' names."""
+    lists, tuples and dicts), the replayed subsample indices, the sample sites' scales and the
+    parameters (unconstrained, as the optimiser updates them); and the parameters' names."""
     store = pyro.get_param_store()
     param_names = sorted(energy.param_names)
     data = [v for v in tree_flatten((list(energy.args), dict(energy.kwargs)))[0] if torch.is_tensor(v)]
     subsample = [energy.replay.nodes[n]["value"] for n in sorted(energy.replay.nodes)]
+    device = next((t.device for t in list(leading) + data), None)  # where the batch lives
+    scales = [torch.as_tensor(energy.scales[n], device=device) for n in sorted(energy.scales)]
     params = [store.get_param(name).unconstrained() for name in param_names]
-    return list(leading) + data + subsample + params, param_names
+    return list(leading) + data + subsample + scales + params, param_names
+
+
+class _Scales(Messenger):
+    """Sets each named sample site's scale to the given tensor (a recording's input)."""
+
+    def __init__(self, scales: Dict[str, torch.Tensor]):
+        super().__init__()
+        self.scales = scales
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.scales:
+            msg["scale"] = self.scales[msg["name"]]
 
 
 def _bind(energy: ModelEnergy, inputs) -> ModelEnergy:
-    """``energy`` on the batch tensors and subsample indices taken, in :func:`_inputs`' order,
-    from the iterator ``inputs`` (the parameters that follow are read by the model itself)."""
+    """``energy`` on the batch tensors, subsample indices and scales taken, in :func:`_inputs`'
+    order, from the iterator ``inputs`` (the parameters that follow are read by the model
+    itself). The scales replace those the model's handlers set: the wrapper is outermost, so
+    it processes each site last."""
     leaves, spec = tree_flatten((list(energy.args), dict(energy.kwargs)))
     args, kwargs = tree_unflatten([next(inputs) if torch.is_tensor(v) else v for v in leaves], spec)
     replay = energy.replay.copy()
     for name in sorted(replay.nodes):
         replay.nodes[name] = dict(replay.nodes[name], value=next(inputs))
-    return energy.rebind(tuple(args), kwargs, replay)
+    bound = energy.rebind(tuple(args), kwargs, replay)
+    bound.model = _Scales({name: next(inputs) for name in sorted(energy.scales)})(energy.model)
+    return bound
 
 
 def _signature(tensors: List[torch.Tensor]) -> tuple:

@@ -253,13 +253,15 @@ class _Learner:
         return guide_trace, energy, start
 
     def _reusable(self, args, kwargs, replay, start) -> bool:
-        """Whether the last batch's structure serves this one: a model without global latents
-        (their chain starts from the prototype), the same shapes and scalar arguments, the
-        guide drew exactly the local latents, and it replays every subsample site the model
-        has (a model-only subsampled plate must be drawn once per batch, by the prototype
-        trace, not afresh at every chain step)."""
+        """Whether the last batch's structure serves this one: not recorded (a recording takes
+        the sites' scales as traced on each batch: a scale from Python state may change), a
+        model without global latents (their chain starts from the prototype), the same shapes
+        and scalar arguments, the guide drew exactly the local latents, and it replays every
+        subsample site the model has (a model-only subsampled plate must be drawn once per
+        batch, by the prototype trace, not afresh at every chain step)."""
         structure = self.structure
-        return (structure is not None and not structure.globals and structure.shapes == batch_shapes(args, kwargs)
+        return (structure is not None and not self.compiled and not structure.globals
+                and structure.shapes == batch_shapes(args, kwargs)
                 and set(start) == set(structure.local) and set(structure.replay.nodes) <= set(replay.nodes))
 
     def _check_sites(self, energy: ModelEnergy, guide_trace):

@@ -309,6 +309,9 @@ class ModelEnergy:
                 self.chain_axis[name] = site["value"].dim() - site["fn"].event_dim + self.plate.dim
             else:
                 self.globals.append(name)
+        # each sample site's Pyro scale as traced on this batch (a recording takes them as inputs)
+        self.scales = {n: site["scale"] for n, site in prototype.nodes.items()
+                       if site["type"] == "sample" and not is_subsample(site)}
         # sample sites outside the data plate: global latents, observations and factors of the whole batch
         self.outside = [n for n, site in prototype.nodes.items() if site["type"] == "sample" and not is_subsample(site)
                         and (self.plate is None or not in_plate(site, self.plate.name))]

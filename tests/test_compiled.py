@@ -142,3 +142,60 @@ def test_tensors_inside_container_arguments_are_inputs_and_changing_scalars_warn
         for offset in range(MANY_RECORDINGS):  # a new scalar value: a new recording each time
             check(float(offset))
     assert len(compiled.recorded) == MANY_RECORDINGS + 1
+
+
+@pytest.mark.parametrize("options", [None, pytest.param({}, marks=pytest.mark.slow)], ids=["recorded", "compiled"])
+def test_a_scale_read_from_python_state_is_an_input_of_the_recording(options):
+    """An annealed β (poutine.scale from a module-level value) changes between batches of one
+    shape: the recordings must follow it (the issue's case: recorded -11.48, Pyro -19.23)."""
+    annealing = {"beta": 0.1}
+
+    def annealed(x):
+        loc = pyro.param("loc", torch.tensor(0.3))
+        with pyro.plate("data", x.shape[0], subsample_size=10) as idx:
+            with poutine.scale(scale=annealing["beta"]):
+                z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x[idx])
+
+    x = torch.randn(N, generator=torch.Generator().manual_seed(7))
+    compiled = CompiledEnergies(options)
+    for beta in (0.1, 1.0, 0.37):
+        annealing["beta"] = beta
+        prototype = poutine.trace(annealed).get_trace(x)
+        energy = ModelEnergy(annealed, (x,), {}, prototype)
+        position = {"z": prototype.nodes["z"]["value"].detach()}
+        u_ref, g_ref = langevin.value_and_grad(energy.local_energy({}))(position)
+        u_rec, g_rec = compiled(energy, {})(position)
+        assert torch.allclose(u_rec, u_ref, atol=1e-5) and torch.allclose(g_rec["z"], g_ref["z"], atol=1e-5)
+        log_p, params, grads = compiled.log_joint_and_grad(energy, position)
+        ref_p, _ = energy.log_joint(position)
+        (ref_g,) = torch.autograd.grad(ref_p, [pyro.param("loc").unconstrained()])
+        assert torch.allclose(log_p, ref_p.detach(), atol=1e-4) and torch.allclose(grads[0], ref_g, atol=1e-4)
+    assert len(compiled.recorded) == 2  # one recording each for the chains and θ, whatever β is
+
+
+def test_fit_with_jit_compile_follows_an_annealed_scale():
+    """fit(jit_compile=True) and fit through Pyro agree while β changes from batch to batch
+    (checked to fail when the recording bakes β in)."""
+    annealing = {"beta": 0.1}
+
+    def annealed(x):
+        loc = pyro.param("loc", torch.tensor(0.3))
+        with pyro.plate("data", x.shape[0]):
+            with poutine.scale(scale=annealing["beta"]):
+                z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    x = torch.randn(N, generator=torch.Generator().manual_seed(8))
+
+    def batches():  # the user's schedule sets β before each batch
+        for beta in (0.1, 0.4, 0.7, 1.0):
+            annealing["beta"] = beta
+            yield (x,)
+
+    runs = []
+    for jit in (False, True):
+        pyro.clear_param_store()
+        runs.append(fit(annealed, None, batches(), num_steps=3, step_size=0.05, seed=0, progress=False,
+                        jit_compile=jit, optim=pyro.optim.Adam({"lr": 1e-2}))["log_joint"])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
