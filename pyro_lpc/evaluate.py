@@ -284,7 +284,7 @@ class _Tempered:
 
 
 def _select_terms(accepted: torch.Tensor, new: _Terms, old: _Terms) -> _Terms:
-    sel = lambda a, b: langevin._select(accepted, a, b, 2)  # noqa: E731
+    sel = lambda a, b: langevin.select(accepted, a, b, 2)  # noqa: E731
     return _Terms(
         torch.where(accepted, new.log_p, old.log_p),
         torch.where(accepted, new.log_q, old.log_q),

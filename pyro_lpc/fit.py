@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import math
 import os
 import time
 import warnings
@@ -277,12 +278,6 @@ class _Learner:
                 f"{energy.plate.name if energy.plate else 'None'!r}); their persistent chains "
                 "use mini-batch energies, which admit no Metropolis test. Use adjust=False."
             )
-        if self.adaptation and energy.globals:
-            raise ValueError(
-                f"target_accept adapts η from the local chains' Metropolis acceptance, which is not "
-                f"computed when global latents {energy.globals} move jointly with them. Use a fixed "
-                "step_size (target_accept=None)."
-            )
         if guide_trace is None:
             return
         guide_sites = set(self.warm.values(guide_trace))
@@ -316,6 +311,10 @@ class _Learner:
         vag = self.compiled(energy, self.global_values) if self.compiled else \
             langevin.value_and_grad(energy.local_energy(self.global_values))
         state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
+        bad = ~langevin.finite(state.potential, state.grad, batch_ndim=1)
+        if bool(bad.any()):  # redraw those starts once, as Pyro's init_to_uniform (see _finite_joint_start)
+            local = {k: langevin.select(bad, _uniform(v), v, 1) for k, v in local.items()}
+            state = langevin.init(local, vag, precond=local_precond, batch_ndim=1)
         state = self._first_estimate(state)
         initial, start_energy = state.potential, (state.potential, state.grad)
         kept, accept, diverged = [], [], []
@@ -358,40 +357,76 @@ class _Learner:
         evaluation each. The global chain is plain SGLD (``P = 1``) with step
         ``global_step_size``, by default ``step_size / N``: its posterior's curvature
         grows like N. (A gradient-RMS preconditioner turns its drift into a
-        normalised-gradient step of fixed length, which measured far slower.)"""
-        (u_l, g_l), (u_g, g_g) = self._joint_value_and_grad(energy, local, self.global_position)
+        normalised-gradient step of fixed length, which measured far slower.)
+
+        A step whose global energy or gradient is not finite is rejected whole (the chains
+        stay), a local chain whose own energy or gradient is not finite stays too; both count
+        as divergences. ``accept`` is the local chains' MALA acceptance probability with
+        their energies at the moved global values: a diagnostic for ``target_accept`` (the
+        global step, of order ``η/N``, changes them little), not a Metropolis test."""
+        local, global_, (u_l, g_l), (u_g, g_g) = self._finite_joint_start(energy, local, self.global_position)
         global_step = self.global_step_size or self.step_size / energy.num_data()
         local_state = self._first_estimate(langevin.LangevinState(local, u_l, g_l, local_precond, 0))
-        no_precond = langevin.init_preconditioner(None, self.global_position)
-        global_state = langevin.LangevinState(self.global_position, u_g, g_g, no_precond, 0)
-        initial = halfway = u_l
-        kept, diverged = [], []
+        no_precond = langevin.init_preconditioner(None, global_)
+        global_state = langevin.LangevinState(global_, u_g, g_g, no_precond, 0)
+        initial = halfway = local_state.potential
+        kept, accept, diverged = [], [], []
         for k in range(1, self.num_steps + 1):
-            lp, _, l_prop, _ = langevin.propose(local_state, self.step_size, batch_ndim=1)
+            lp, _, l_prop, l_noise = langevin.propose(local_state, self.step_size, batch_ndim=1)
             noise = langevin.standard_normal(global_state.position, self.generator)
             _, _, g_prop, _ = langevin.propose(global_state, global_step, noise=noise)
             (u_l, g_l), (u_g, g_g) = self._joint_value_and_grad(energy, l_prop, g_prop)
-            local_state = langevin.LangevinState(l_prop, u_l, g_l, lp, k)
-            global_state = langevin.LangevinState(g_prop, u_g, g_g, no_precond, k)
+            prob, local_bad = langevin.accept_probability(local_state, l_prop, l_noise, u_l, g_l, lp,
+                                                          self.step_size, batch_ndim=1)
+            global_ok = langevin.finite(u_g, g_g)  # alike on every rank (averaged over them)
+            moved = ~local_bad & global_ok
+            local_state = langevin.where(moved, langevin.LangevinState(l_prop, u_l, g_l, lp, k), local_state, 1)
+            global_state = langevin.where(global_ok, langevin.LangevinState(g_prop, u_g, g_g, no_precond, k),
+                                          global_state)
             self._accumulate(local_state)
-            diverged.append(~torch.isfinite(u_g))
+            accept.append(prob.mean())
+            diverged.append(~moved.all())
             if k in keep:
-                kept.append(energy.constrain({**l_prop, **g_prop})[0])
+                kept.append(energy.constrain({**local_state.position, **global_state.position})[0])
             if k == self.num_steps // 2:
-                halfway = u_l
+                halfway = local_state.potential
         self.global_position = global_state.position
         self.global_values = energy.constrain(global_state.position)[0]
         self._refresh()
-        drop = None if initial is None else (initial - u_l).mean()
-        late = None if initial is None else (halfway - u_l).mean()
-        return kept, {"accept": None, "diverged": torch.stack(diverged), "energy_drop": drop, "late_drop": late}
+        u_l = local_state.potential
+        return kept, {"accept": torch.stack(accept), "diverged": torch.stack(diverged),
+                      "energy_drop": (initial - u_l).mean(), "late_drop": (halfway - u_l).mean()}
+
+    def _finite_joint_start(self, energy, local, global_):
+        """The joint chains' start and its energies, with every non-finite part redrawn once as
+        Pyro's ``init_to_uniform`` does (unconstrained values uniform in (-2, 2)): first the
+        local chains whose own energy or gradient is not finite (a Gamma draw that underflowed
+        to 0, say), then the global position if its energy still is not."""
+        evaluated = self._joint_value_and_grad(energy, local, global_)
+        (u_l, g_l), (u_g, g_g) = evaluated
+        bad = ~langevin.finite(u_l, g_l, batch_ndim=1)
+        if bool(bad.any()):
+            local = {k: langevin.select(bad, _uniform(v), v, 1) for k, v in local.items()}
+            evaluated = self._joint_value_and_grad(energy, local, global_)
+        if not bool(langevin.finite(*evaluated[1])):
+            global_ = {k: _uniform(v) for k, v in global_.items()}
+            self.group.broadcast(list(global_.values()))  # one global chain for all ranks
+            evaluated = self._joint_value_and_grad(energy, local, global_)
+        return local, global_, *evaluated
 
     def adapt(self, row: dict) -> None:
-        """After an iteration: the schedule takes its late energy drop, η its acceptance rate."""
+        """After an iteration: the schedule takes its late energy drop, η its acceptance rate;
+        after divergent steps η (and a given ``global_step_size``) is halved."""
         if row["late_energy_drop"] is not None:
             self.schedule.update(row["late_energy_drop"])
         if self.adaptation and "accept_rate" in row:
             self.step_size = self.adaptation.update(row["accept_rate"])
+        if row["divergences"]:
+            self.step_size /= 2.0
+            if self.adaptation:
+                self.adaptation.log_step_size -= math.log(2.0)
+            if self.global_step_size:
+                self.global_step_size /= 2.0
 
     def _joint_value_and_grad(self, energy, local, global_):
         """Local energies and gradients of this rank's chains; the global chain's
@@ -485,6 +520,11 @@ class _Learner:
             else [None] * len(tensors)
         log_p = evaluated["log_p"].detach()
         return (theta, grads[:len(theta)], log_p, evaluated["trace"]), (phi, grads[len(theta):], loss.detach())
+
+
+def _uniform(like: torch.Tensor) -> torch.Tensor:
+    """Unconstrained values uniform in (-2, 2), Pyro's ``init_to_uniform``."""
+    return torch.rand_like(like).mul_(4.0).sub_(2.0)
 
 
 def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -845,6 +885,7 @@ def _iterate(learner: _Learner, args, kwargs, iteration, epoch, history) -> dict
         "num_steps": learner.num_steps,
         "energy_drop": None if drop is None else drop.item(),
         "late_energy_drop": None if late is None else late.item(),
+        "divergences": int(stats["diverged"].sum()),
     }
     if accept is not None and (learner.adjust or learner.adaptation):
         row["accept_rate"] = accept.item()
@@ -876,3 +917,5 @@ def _raise_nonfinite(learner, energy, trace, stats, iteration, history):
         f"(now {learner.step_size:g}) or a smaller learning rate.",
         FitResult(list(history), learner.state_dict()),
     )
+
+

@@ -313,40 +313,54 @@ def step(
 
     For the per-chain preconditioners the statistics are first updated with the
     current gradient (``v_k`` from ``g_k``), then ``P_k`` is used for the move.
-    Non-finite proposals are reported in ``info.diverged``; under MALA they are
-    rejected, under ULA the caller decides (the chain would carry NaNs).
+    Non-finite proposals (potential or gradient) are reported in ``info.diverged``
+    and rejected, under ULA too: such a chain stays where it was.
     """
     check_precondition(state.precond.kind, adjust)
     precond, _, proposal, noise = propose(state, step_size, batch_ndim)
     new_potential, new_grad = potential_and_grad(proposal)
+    accept_prob, diverged = accept_probability(state, proposal, noise, new_potential, new_grad, precond,
+                                               step_size, batch_ndim)
+    accepted = torch.rand_like(accept_prob) < accept_prob if adjust else ~diverged
+    moved = LangevinState(proposal, new_potential, new_grad, precond, state.num_steps + 1)
+    new_state = where(accepted, moved, state, batch_ndim)
+    return new_state, LangevinInfo(accept_prob, accepted, diverged, new_potential)
 
-    finite = torch.isfinite(new_potential)
-    for g in new_grad.values():
-        finite = finite & (_sum_event(~torch.isfinite(g), batch_ndim) == 0)
-    diverged = ~finite
 
+def where(mask: torch.Tensor, new: LangevinState, old: LangevinState, batch_ndim: int = 0) -> LangevinState:
+    """Chains where ``mask`` (chain-shaped) holds take ``new``'s position, potential and
+    gradient, the others keep ``old``'s; the preconditioner and step count are ``new``'s."""
+    return new._replace(
+        position={k: select(mask, v, old.position[k], batch_ndim) for k, v in new.position.items()},
+        potential=torch.where(mask, new.potential, old.potential),
+        grad={k: select(mask, g, old.grad[k], batch_ndim) for k, g in new.grad.items()},
+    )
+
+
+def finite(potential: torch.Tensor, grad: Position, batch_ndim: int = 0) -> torch.Tensor:
+    """Per chain, whether the potential and every gradient coordinate are finite."""
+    ok = torch.isfinite(potential)
+    for g in grad.values():
+        ok = ok & (_sum_event(~torch.isfinite(g), batch_ndim) == 0)
+    return ok
+
+
+def accept_probability(state: LangevinState, proposal: Position, noise: Position, new_potential: torch.Tensor,
+                       new_grad: Position, precond: Preconditioner, step_size: float, batch_ndim: int = 0):
+    """The MALA acceptance probability of ``proposal``, drawn from ``state`` with ``noise`` and
+    ``precond`` by :func:`propose`, and whether it diverged (non-finite ``U`` or ``∇U`` there,
+    acceptance 0): ``α = min(1, exp(U(z) - U(z') + log q(z | z') - log q(z' | z)))``."""
+    diverged = ~finite(new_potential, new_grad, batch_ndim)
     log_ratio = (
         state.potential
         - new_potential
         + _log_proposal(state.position, proposal, new_grad, precond, step_size, batch_ndim)
         + sum(_sum_event(xi.square(), batch_ndim) for xi in noise.values()) / 2  # -log q(z'|z)
     )
-    accept_prob = torch.where(diverged, -math.inf, log_ratio).clamp(max=0.0).exp()
-
-    if adjust:
-        accepted = torch.rand_like(accept_prob) < accept_prob
-        position = {k: _select(accepted, proposal[k], state.position[k], batch_ndim) for k in proposal}
-        grad = {k: _select(accepted, new_grad[k], state.grad[k], batch_ndim) for k in new_grad}
-        potential = torch.where(accepted, new_potential, state.potential)
-    else:
-        accepted = torch.ones_like(accept_prob, dtype=torch.bool)
-        position, grad, potential = proposal, new_grad, new_potential
-
-    new_state = LangevinState(position, potential, grad, precond, state.num_steps + 1)
-    return new_state, LangevinInfo(accept_prob, accepted, diverged, new_potential)
+    return torch.where(diverged, -math.inf, log_ratio).clamp(max=0.0).exp(), diverged
 
 
-def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch_ndim: int) -> torch.Tensor:
+def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch_ndim: int) -> torch.Tensor:
     """``where(mask, a, b)`` with ``mask`` of the chain shape broadcast over event dims."""
     mask = mask.reshape(mask.shape + (1,) * (a.dim() - batch_ndim))
     return torch.where(mask, a, b)
