@@ -390,9 +390,11 @@ def log_marginal_likelihood(
 
     Requires every latent site of ``model`` to be *local* — inside the data plate, one
     latent per data point — so that ``p(x) = Π_i p(x_i)``; global latent sites raise a
-    ``ValueError`` naming them. All densities are the sites' *unscaled* log-probabilities
-    (a ``subsample_size`` scale or ``poutine.scale`` is ignored), summed over every site
-    inside the data plate and reduced to the plate dimension.
+    ``ValueError`` naming them. Densities are the sites' log-probabilities with the user's
+    scales and masks (``poutine.scale``, as Pyro scores the model) but without subsampling's
+    (:func:`~pyro_lpc.potential.site_log_prob`), summed over every site inside the data plate
+    and reduced to the plate dimension. (For a β-VAE's plain likelihood, evaluate the model
+    with β = 1.)
 
     **method="iwae"** (Burda et al. 2016): with ``z_j ~ q(z | x_i)`` the guide (the prior when
     ``guide=None``) and ``k = num_samples``,

@@ -11,9 +11,9 @@ For each mini-batch ``x`` (DESIGN.md §2):
 
 **Local and global latents.** Latent sites inside the data plate are *local*:
 each data point gets its own chain, started afresh every mini-batch, and its
-drift uses the *unscaled* per-point energy (its own prior and likelihood only —
-Pyro's N/B subsampling scale is right for θ, wrong for a data point's
-posterior). Sites outside it are *global*: one persistent chain carried across
+drift uses the per-point energy (its own prior and likelihood only — Pyro's N/B
+subsampling scale is right for θ, wrong for a data point's posterior; see
+**Scales**). Sites outside it are *global*: one persistent chain carried across
 mini-batches, driven by the *scaled* mini-batch energy (stochastic-gradient
 Langevin, unpreconditioned, step ``step_size / N`` by default). Global chains are never Metropolis-adjusted (a mini-batch energy
 admits no exact test), so ``adjust=True`` requires all latents to be local. The
