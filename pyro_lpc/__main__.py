@@ -1,6 +1,6 @@
 """``python -m pyro_lpc`` runs the ``pyro-lpc`` command."""
 import sys
 
-from .cli import main
+from .images.cli import main
 
 sys.exit(main())

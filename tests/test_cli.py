@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pyro_lpc.cli import main
+from pyro_lpc.images.cli import main
 
 TINY = ["--epochs", "1", "--num-steps", "3", "--eval-samples", "10", "--quiet"]
 RUN_FILES = {"config.json", "checkpoint.pt", "history.jsonl", "metrics.json", "samples.png",
@@ -131,7 +131,7 @@ def test_bad_adaptive_inference_options_are_named(capsys):
 
 
 def test_compile_option_reaches_fit_and_trains_alike(tmp_path, monkeypatch, lpc_run):
-    from pyro_lpc import cli
+    from pyro_lpc.images import cli
 
     seen = []
     real_fit = cli.fit

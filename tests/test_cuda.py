@@ -11,7 +11,7 @@ from pyro.infer import MCMC
 
 from pyro_lpc import PCLangevin, WarmStart, fit, langevin
 from pyro_lpc.compiled import CompiledEnergies
-from pyro_lpc.models import mlp_model
+from pyro_lpc.images.models import mlp_model
 from pyro_lpc.potential import ModelEnergy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

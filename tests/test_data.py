@@ -1,4 +1,4 @@
-"""Tests for pyro_lpc.data: the embedded digits, preprocessing, binarisation, the real
+"""Tests for pyro_lpc.images.data: the embedded digits, preprocessing, binarisation, the real
 datasets in ``../shared/data`` (or ``$PYRO_LPC_DATA``; skipped when absent), user
 arrays and image folders, and the error messages."""
 import os
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from pyro_lpc.data import images_from_arrays, images_from_folder, load_dataset
+from pyro_lpc.images.data import images_from_arrays, images_from_folder, load_dataset
 
 DATA = Path(os.environ.get("PYRO_LPC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

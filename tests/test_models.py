@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyro_lpc.models import (
+from pyro_lpc.images.models import (
     Bernoulli,
     ConvDecoder,
     ConvEncoder,
@@ -21,7 +21,7 @@ from pyro_lpc.models import (
     conv_model,
     mlp_model,
 )
-from pyro_lpc.models.likelihoods import _UnitIntervalBernoulli
+from pyro_lpc.images.models.likelihoods import _UnitIntervalBernoulli
 
 BIN = 2.0 / 255
 

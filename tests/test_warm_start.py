@@ -17,7 +17,7 @@ from pyro.infer.autoguide import (AutoDelta, AutoDiagonalNormal, AutoLowRankMult
 from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_lpc import PCLangevin, WarmStart, fit
-from pyro_lpc.evaluate import log_marginal_likelihood
+from pyro_lpc.marginal_likelihood import log_marginal_likelihood
 from pyro_lpc.potential import model_potential
 
 N = 6

@@ -46,7 +46,7 @@ Preprocessing (applied per item, in this order):
    default for grey-scale data) and ``(-1, 1)`` maps ``x -> 2x - 1`` (Gaussian /
    discretised-Gaussian likelihoods, conv models with a ``tanh`` output; the
    default for colour data). 8-bit pixels then sit exactly on the ``num_levels``
-   bin centres of :class:`~pyro_lpc.models.DiscretizedNormal`
+   bin centres of :class:`~pyro_lpc.images.models.DiscretizedNormal`
    (``num_bins=info.num_levels``).
 
 Missing files raise :class:`FileNotFoundError` naming the expected files and
@@ -56,7 +56,7 @@ directory. Nothing is downloaded unless ``download=True``. ``root=None`` means
 Example::
 
     >>> from torch.utils.data import DataLoader
-    >>> from pyro_lpc.data import load_dataset
+    >>> from pyro_lpc.images.data import load_dataset
     >>> train = load_dataset("digits", binarize="dynamic")
     >>> train.info.image_shape, len(train), train.info.likelihood
     ((1, 8, 8), 1500, 'bernoulli')

@@ -34,14 +34,14 @@ class DeepLatentGaussian(nn.Module):
 
     :param decoder: module ``z (B, latent_dim) -> output (B, *image_shape)``.
     :param encoder: module ``x -> (loc, scale)``, each ``(B, latent_dim)``.
-    :param likelihood: a :class:`~pyro_lpc.models.likelihoods.Likelihood`.
+    :param likelihood: a :class:`~pyro_lpc.images.models.likelihoods.Likelihood`.
     :param latent_dim: dimension ``d`` of ``z``.
     :param name: prefix of the Pyro parameter names.
 
     Example::
 
         >>> import pyro, torch
-        >>> from pyro_lpc.models import mlp_model
+        >>> from pyro_lpc.images.models import mlp_model
         >>> vae = mlp_model(latent_dim=10)                   # 784-200-200-10 tanh, Bernoulli
         >>> x = torch.rand(16, 1, 28, 28).round()
         >>> svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}),
@@ -150,7 +150,7 @@ def mlp_model(
 
     ``likelihood``: ``"bernoulli"`` (decoder outputs logits), ``"gaussian"`` or
     ``"discretized"`` (decoder outputs a tanh mean; σ = 0.1 fixed), or a
-    :class:`~pyro_lpc.models.likelihoods.Likelihood` instance (e.g. with ``learn_scale=True``).
+    :class:`~pyro_lpc.images.models.likelihoods.Likelihood` instance (e.g. with ``learn_scale=True``).
     """
     image_shape = tuple(int(s) for s in image_shape)
     lik = _likelihood(likelihood, len(image_shape), name)

@@ -1,0 +1,150 @@
+"""Run directories of the ``pyro-lpc`` command: where a run goes, its configuration, the
+dataset and model it describes, restoring a trained run and writing its metrics.
+
+A run directory holds ``config.json``, ``checkpoint.pt``, ``history.jsonl``,
+``metrics.json``, ``samples.png``, ``reconstructions.png`` and ``curves.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional
+
+import pyro
+import torch
+
+from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint
+from ..marginal_likelihood import log_marginal_likelihood
+from .data import load_dataset
+from .models import conv_model, mlp_model
+from .plots import save_grid
+from .sample_quality import sample_quality, train_feature_extractor
+
+CONFIG, HISTORY, METRICS = "config.json", "history.jsonl", "metrics.json"
+
+
+def default_run_dir(dataset: str, method: str, existing: bool = False) -> str:
+    """``runs/<dataset>-<method>``, or ``-2``, ``-3``...: the first free one, or the
+    last taken one when resuming."""
+    base = os.path.join("runs", f"{dataset}-{method}")
+    taken = [base] if os.path.exists(base) else []
+    n = 2
+    while os.path.exists(f"{base}-{n}"):
+        taken.append(f"{base}-{n}")
+        n += 1
+    if existing:
+        return taken[-1] if taken else base
+    return base if not taken else f"{base}-{n}"
+
+
+def run_config(out: str, new_config: dict, *, resume: bool = False, epochs: Optional[int] = None) -> dict:
+    """The configuration of a new run in ``out`` (``new_config``; refused if ``out`` already
+    holds a run), or with ``resume`` that of the run there (``epochs`` overriding its number
+    of epochs; its checkpoint is read, so a broken run fails before anything is written)."""
+    config_path = os.path.join(out, CONFIG)
+    if resume:
+        if not os.path.exists(config_path):
+            raise SystemExit(f"pyro-lpc: --resume: no run to continue in {out} (missing {CONFIG}).")
+        with open(config_path) as f:
+            config = json.load(f)
+        if epochs is not None:
+            config["epochs"] = epochs
+        read_checkpoint(os.path.join(out, CHECKPOINT))
+        return config
+    if os.path.exists(os.path.join(out, CHECKPOINT)):
+        raise SystemExit(f"pyro-lpc: {out} already holds a run; use --resume to continue it or --out elsewhere.")
+    return new_config
+
+
+def write_config(out: str, config: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def write_history(out: str, history) -> None:
+    """One JSON object per line, one line per training iteration."""
+    with open(os.path.join(out, HISTORY), "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_data(config: dict, split: str, *, binarize=None, labels: bool = False):
+    """The run's dataset: Bernoulli MLPs see [0, 1] images, conv models [-1, 1] (padded to 32)."""
+    conv = config["model"] == "conv"
+    small = config["dataset"] in ("digits", "mnist", "fashion-mnist")
+    return load_dataset(
+        config["dataset"], config["data_root"], split,
+        binarize=None if conv else binarize,
+        pixel_range=(-1.0, 1.0) if conv else (0.0, 1.0),
+        pad_to=32 if conv and small else None,
+        labels=labels,
+    )
+
+
+def run_model(config: dict, image_shape):
+    """The run's model and guide (:func:`~pyro_lpc.images.models.mlp_model` or
+    :func:`~pyro_lpc.images.models.conv_model`), initialised from the run's seed."""
+    torch.manual_seed(config["seed"])
+    if config["model"] == "conv":
+        return conv_model(image_size=image_shape[-1], channels=image_shape[0], latent_dim=config["latent_dim"])
+    hidden = (200, 200)
+    return mlp_model(image_shape=tuple(image_shape), latent_dim=config["latent_dim"], hidden=hidden,
+                     likelihood="bernoulli")
+
+
+def data_loader(dataset, batch_size: int, shuffle: bool = True, group=None, seed: int = 0):
+    """Batches of ``dataset``; under torchrun each rank's share through a ``DistributedSampler``."""
+    if group is not None and group.world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank,
+                                                      shuffle=shuffle, seed=seed)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False)
+
+
+def restore_run(run_dir: str):
+    """Config, rebuilt model with its trained parameters, and the train set of a run."""
+    config_path = os.path.join(run_dir, CONFIG)
+    if not os.path.exists(config_path):
+        raise SystemExit(f"pyro-lpc: {run_dir} is not a run directory (missing {CONFIG}).")
+    with open(config_path) as f:
+        config = json.load(f)
+    train_set = run_data(config, "train", binarize="dynamic")
+    pyro.clear_param_store()
+    dlgm = run_model(config, train_set.info.image_shape)
+    batch = next(iter(data_loader(train_set, 2, shuffle=False)))
+    load_checkpoint(os.path.join(run_dir, CHECKPOINT), dlgm.model, dlgm.guide, (batch,), {}, {})
+    return config, dlgm, train_set
+
+
+def evaluate_run(run_dir: str, config: dict, dlgm, train_set, progress: bool = True) -> List[str]:
+    """Write the run's ``metrics.json`` (test IWAE log-likelihood; Fréchet distance and
+    density/coverage in the features of a LeNet trained on the training images),
+    ``samples.png`` and ``reconstructions.png``; returns the run's file names."""
+    torch.manual_seed(config["seed"])
+    test_set = run_data(config, "test", binarize="static")
+    test = torch.stack([test_set[i] for i in range(len(test_set))])
+    with torch.no_grad():
+        lml = log_marginal_likelihood(dlgm.model, dlgm.guide, test, num_samples=config["eval_samples"],
+                                      method="iwae", batch_size=config["batch_size"], progress=progress)
+    labelled = run_data(config, "train", labels=True)
+    images = torch.stack([labelled[i][0] for i in range(len(labelled))])
+    labels = torch.tensor([int(labelled[i][1]) for i in range(len(labelled))])
+    extractor = train_feature_extractor(images, labels, seed=config["seed"])
+    real = torch.stack([run_data(config, "test")[i] for i in range(len(test_set))])
+    with torch.no_grad():
+        fake = dlgm.sample(len(real))
+        quality = sample_quality(real, fake, extractor)
+        save_grid(fake[:64], os.path.join(run_dir, "samples.png"))
+        recon = dlgm.reconstruct(test[:32])
+        pairs = torch.stack([test[:32], recon], 1).flatten(0, 1)
+        save_grid(pairs, os.path.join(run_dir, "reconstructions.png"), nrow=16)
+    metrics = {
+        "test_log_likelihood": lml.mean().item(),
+        "test_log_likelihood_bound": f"IWAE, k={config['eval_samples']}",
+        "num_test": len(test),
+        **{k: float(v) for k, v in quality.items()},
+    }
+    with open(os.path.join(run_dir, METRICS), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return [CONFIG, CHECKPOINT, HISTORY, METRICS, "samples.png", "reconstructions.png", "curves.png"]
