@@ -19,6 +19,9 @@ a ring all-reduce needs for them, ``2 (P-1)/P · bytes / bandwidth``, at 10 and
 100 Gbit/s.
 
     python benchmarks/distributed.py [--iterations 40] [--processes 1 2]
+    python benchmarks/distributed.py --iterations 8 --out /tmp/distributed.json   # a quick look
+
+Writes ``benchmarks/results/distributed.json`` (``--out``).
 """
 import argparse
 import json
@@ -32,6 +35,7 @@ import time
 import pyro
 import torch
 
+from common import results_path, write_results
 from pyro_lpc import distributed, fit
 from pyro_lpc.models import conv_model, mlp_model
 
@@ -96,51 +100,57 @@ def parameter_count(dlgm) -> "tuple[int, int]":
     return theta, sum(guide_params.values())
 
 
-def projection():
-    """Bytes all-reduced per iteration and ring all-reduce times for the reference models."""
+def projection() -> list:
+    """Bytes all-reduced per iteration and ring all-reduce times (8 ranks) for the reference models."""
     models = {
         "MNIST MLP 784-200-200-50": (mlp_model(image_shape=(1, 28, 28), latent_dim=50), 50),
         "CIFAR-10 conv (latent 64)": (conv_model(image_size=32, channels=3, latent_dim=64), 64),
     }
-    lines = ["| model | θ params | φ params | bytes per rank per iteration | ring all-reduce, 8 ranks, "
-             "10 Gbit/s | 100 Gbit/s |", "|---|---|---|---|---|---|"]
+    rows = []
     for name, (dlgm, latent) in models.items():
         theta, phi = parameter_count(dlgm)
-        floats = theta + phi + 3 + latent  # gradients + figures, then the preconditioner statistics
-        size = 4 * floats
+        size = 4 * (theta + phi + 3 + latent)  # gradients + figures, then the preconditioner statistics
         ring = 2 * 7 / 8 * size
-        lines.append(f"| {name} | {theta:,} | {phi:,} | {size / 1e6:.2f} MB | {ring * 8 / 10e9 * 1e3:.2f} ms | "
-                     f"{ring * 8 / 100e9 * 1e3:.3f} ms |")
-    return "\n".join(lines)
+        rows.append({"model": name, "theta": theta, "phi": phi, "bytes": size,
+                     "ring_ms_10gbit": ring * 8 / 10e9 * 1e3, "ring_ms_100gbit": ring * 8 / 100e9 * 1e3})
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=40, help="iterations per rank")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", default=results_path("distributed"))
+    parser.add_argument("--note", help="free text stored with the results (shown on the page)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
         return worker(options.iterations, options.worker, options.threads)
     print(f"CPU cores: {os.cpu_count()}; torch {torch.__version__}; gloo; one intra-op thread per process\n")
-    print("| processes | s / iteration (median) | data points / s | all-reduce s / iteration | scaling |")
-    print("|---|---|---|---|---|")
-    baseline = None
-    for processes in options.processes:
-        report = launch(processes, options.iterations)
+    print("| processes | threads each | s / iteration (median) | data points / s | all-reduce s / iteration | "
+          "scaling |\n|---|---|---|---|---|---|")
+    runs = [(processes, 1) for processes in options.processes]
+    if os.cpu_count() > 1:  # the other way to use the machine: one process, one intra-op thread per core
+        runs.append((1, os.cpu_count()))
+    rows, baseline = [], None
+    for processes, threads in runs:
+        report = launch(processes, options.iterations, threads=threads)
         throughput = processes * BATCH / report["median_s"]
         baseline = baseline or throughput
-        print(f"| {processes} | {report['median_s']:.4f} | {throughput:.0f} | "
+        rows.append({"processes": processes, "threads": threads, "median_s": report["median_s"],
+                     "data_points_per_s": throughput, "allreduce_s": report["communication_s_per_iteration"],
+                     "scaling": throughput / baseline})
+        print(f"| {processes} | {threads} | {report['median_s']:.4f} | {throughput:.0f} | "
               f"{report['communication_s_per_iteration']:.4f} | {throughput / baseline:.2f}x |", flush=True)
-    cores = os.cpu_count()
-    if cores > 1:  # the other way to use the machine: one process, one intra-op thread per core
-        report = launch(1, options.iterations, threads=cores)
-        throughput = BATCH / report["median_s"]
-        print(f"| 1 ({cores} threads) | {report['median_s']:.4f} | {throughput:.0f} | 0 | "
-              f"{throughput / baseline:.2f}x |", flush=True)
+    traffic = projection()
     print("\nCommunication per iteration (float32; Langevin steps of local latents communicate nothing):\n")
-    print(projection())
+    for row in traffic:
+        print(f"{row['model']}: θ {row['theta']:,}, φ {row['phi']:,}, {row['bytes'] / 1e6:.2f} MB per rank; "
+              f"ring all-reduce over 8 ranks {row['ring_ms_10gbit']:.2f} ms at 10 Gbit/s, "
+              f"{row['ring_ms_100gbit']:.3f} ms at 100 Gbit/s")
+    write_results(options.out, {"iterations": options.iterations, "num_steps": NUM_STEPS, "batch": BATCH,
+                                "rows": rows, "traffic": traffic}, options.note)
 
 
 if __name__ == "__main__":

@@ -12,22 +12,30 @@ Peak memory is measured in fresh subprocesses (peak RSS on CPU, peak CUDA
 allocation on a GPU) for several K, to show it does not grow with K.
 
     python benchmarks/fit_overhead.py [--iterations 30] [--num-steps 20] [--device cpu]
+    python benchmarks/fit_overhead.py --iterations 2 --memory-steps --profile-iterations 2 --out /tmp/f.json
 
 ``fit`` is timed three times: as is; with ``jit_compile=True`` (the chains'
 energy and gradient recorded once per batch shape, :mod:`pyro_lpc.compiled`);
 and with ``jit_compile={}`` (that recording compiled by ``torch.compile``). The
-first iteration, which records (and compiles), is reported on its own.
+first iteration, which records (and compiles), is reported on its own. Last,
+cProfile splits ``fit``'s time (not compiled) into the phases of an iteration
+(``--profile-iterations``; cProfile inflates the Python-heavy parts).
+
+Writes ``benchmarks/results/fit_overhead.json`` (``--out``).
 """
 import argparse
+import cProfile
 import json
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyro
 import torch
 
+from common import phase_shares, results_path, write_results
 from pyro_lpc import fit, langevin
 from pyro_lpc.models import mlp_model
 
@@ -112,9 +120,9 @@ def peak_memory(num_steps, device):
 
     On Linux the peak RSS is the child's ``VmHWM``: its ``ru_maxrss`` starts at the *parent's*
     peak (Linux keeps it across ``execve``), which is wrong whenever the caller is the larger
-    process (e.g. ``benchmarks/run.py`` holding the datasets)."""
+    process (e.g. one holding the datasets)."""
     code = (
-        "import sys, json, resource, torch; sys.path.insert(0, 'benchmarks');"
+        f"import sys, json, resource, torch; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r});"
         "import fit_overhead as b;"
         f"d = b.make_model('{device}'); bt = b.data(5, '{device}');"
         f"b.time_fit(d, bt, {num_steps}, 1e-2);"
@@ -127,14 +135,28 @@ def peak_memory(num_steps, device):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def profile(num_steps, step_size, iterations, device):
+    """Share of ``fit``'s time in each phase of an iteration (:func:`common.phase_shares`)."""
+    batches, dlgm = data(iterations, device), make_model(device)
+    profiler = cProfile.Profile()
+    profiler.runcall(time_fit, dlgm, batches, num_steps, step_size)
+    return phase_shares(profiler)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--num-steps", type=int, default=20)
     parser.add_argument("--step-size", type=float, default=1e-2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--memory-steps", type=int, nargs="*", default=[5, 20, 80])
+    parser.add_argument("--profile-iterations", type=int, default=10, help="0: no profile")
+    parser.add_argument("--out", default=results_path("fit_overhead"))
+    parser.add_argument("--note", help="free text stored with the results (shown on the page)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warmup = 5
     batches = data(args.iterations + warmup, args.device)
     dlgm = make_model(args.device)
@@ -153,11 +175,24 @@ def main():
         median = statistics.median(t[warmup:])
         print(f"{name:<24}{1e3 * median:>16.2f}{median / t_hand:>16.3f}{t[0]:>20.2f}")
     print("goal: fit / hand-written <= 1.15")
-    print(f"\n{'K':>4}{'peak RSS MiB':>16}{'peak CUDA MiB':>16}")
+    memory = {}
+    if args.memory_steps:
+        print(f"\n{'K':>4}{'peak RSS MiB':>16}{'peak CUDA MiB':>16}")
     for k in args.memory_steps:
-        mem = peak_memory(k, args.device)
+        memory[str(k)] = mem = peak_memory(k, args.device)
         cuda = f"{mem['cuda']:.1f}" if mem["cuda"] is not None else "-"
         print(f"{k:>4}{mem['rss']:>16.1f}{cuda:>16}")
+    phases = profile(args.num_steps, args.step_size, args.profile_iterations, args.device) \
+        if args.profile_iterations else {}
+    for name, share in phases.items():
+        print(f"{name}: {100 * share:.0f}%")
+    write_results(args.out, {
+        "device": args.device, "threads": torch.get_num_threads(), "num_steps": args.num_steps,
+        "step_size": args.step_size, "keep": "all", "iterations": args.iterations, "warmup": warmup,
+        "hand_ms": 1e3 * t_hand, "fit_ms": {name: 1e3 * statistics.median(t[warmup:]) for name, t in times.items()},
+        "first_iteration_seconds": {name: t[0] for name, t in times.items()},
+        "peak_memory_mib": memory, "profile_iterations": args.profile_iterations, "phases": phases,
+    }, args.note)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ over the data after each epoch, at equal iterations and at equal seconds.
 
     python benchmarks/forward_kl_samples.py                 # K = 10, 2 seeds, 30 epochs
     python benchmarks/forward_kl_samples.py --epochs 5 --seeds 0   # a quick look
+
+Writes ``benchmarks/results/forward_kl_samples.json`` (``--out``).
 """
 import argparse
 import time
@@ -23,6 +25,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn as nn
 
+from common import results_path, write_results
 from pyro_lpc import WarmStart, fit
 
 D, Q, N = 8, 2, 1000
@@ -129,11 +132,14 @@ def main():
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--step-size", type=float, default=0.05)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--out", default=results_path("forward_kl_samples"))
+    parser.add_argument("--note", help="free text stored with the results (shown on the page)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"PPCA D={D} Q={Q} N={N}, θ fixed at the truth; forward KL only; K={args.num_steps}, "
           f"η={args.step_size}, Adam lr {args.lr}, batch 100; KL(p‖q) per data point (nats)")
     run("last", 0, 1, args.num_steps, args.step_size, args.lr)  # warm-up: first-call costs
+    seeds = {}
     for seed in args.seeds:
         runs = {keep: run(keep, seed, args.epochs, args.num_steps, args.step_size, args.lr)
                 for keep in ("last", "all")}
@@ -143,8 +149,12 @@ def main():
             (i, s_l, c_l), (_, s_a, c_a) = [(r[0][e], r[1][e], r[2][e]) for r in runs.values()]
             print(f"{e:>5} {i:>6} | {c_l:>9.4f} {s_l:>6.1f} | {c_a:>9.4f} {s_a:>6.1f}")
         t = min(runs["last"][1][-1], runs["all"][1][-1])
-        print(f"at equal time {t:.1f} s: last {at_time(runs['last'][1], runs['last'][2], t):.4f}, "
-              f"all {at_time(runs['all'][1], runs['all'][2], t):.4f}")
+        equal = {keep: at_time(runs[keep][1], runs[keep][2], t) for keep in runs}
+        print(f"at equal time {t:.1f} s: last {equal['last']:.4f}, all {equal['all']:.4f}")
+        seeds[str(seed)] = {"runs": {keep: dict(zip(("iterations", "seconds", "kl"), r)) for keep, r in runs.items()},
+                            "equal_time": {"seconds": t, **equal}}
+    write_results(args.out, {"epochs": args.epochs, "num_steps": args.num_steps, "step_size": args.step_size,
+                             "lr": args.lr, "seeds": seeds}, args.note)
 
 
 if __name__ == "__main__":

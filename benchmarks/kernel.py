@@ -4,6 +4,9 @@ Run from the repository root::
 
     python benchmarks/kernel.py --quick   # about 1 minute on 2 CPU cores
     python benchmarks/kernel.py           # at most about 5 minutes on 2 CPU cores
+    python benchmarks/kernel.py --quick --skip-ess --out /tmp/kernel.json   # the per-step timing only
+
+Writes ``benchmarks/results/kernel.json`` (``--out``).
 
 Two things are measured, all on CPU, in one process, one chain per sampler.
 
@@ -53,8 +56,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import math
-import os
-import platform
 import pstats
 import statistics
 import sys
@@ -67,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import MCMC, NUTS
 
+from common import loadavg, machine, results_path, write_results
 from pyro_lpc import PCLangevin
 
 #: (warm-up, samples) per problem and sampler; chosen for comparable wall time.
@@ -268,27 +270,6 @@ def run_timing(features, labels, warmup, num_steps, rounds, seed, profile):
 
 
 # -- report ----------------------------------------------------------------------------
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}; os.cpu_count()={os.cpu_count()}, torch {torch.__version__}, "
-        f"pyro {pyro.__version__}, torch threads {torch.get_num_threads()}, "
-        f"Python {platform.python_version()}"
-    )
-
-
-def loadavg():
-    try:
-        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "load average unavailable"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller budgets (about 1 minute)")
@@ -298,6 +279,8 @@ def main():
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)"
     )
+    parser.add_argument("--out", default=results_path("kernel"))
+    parser.add_argument("--note", help="free text stored with the results (shown on the page)")
     opts = parser.parse_args()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -311,7 +294,7 @@ def main():
         "logistic": (logistic_model, (features, labels)),
         "gaussian": (gaussian_model, ()),
     }
-    rows = []
+    rows, slope = [], None
     if not opts.skip_ess:
         for problem, (model, args) in problems.items():
             for sampler, (warmup, num_samples) in BUDGETS[mode][problem].items():
@@ -380,6 +363,13 @@ def main():
         print(f"{name:28s}{med:15.4f}{low:12.4f}{med / base_med:16.2f}{low / base_min:12.2f}")
     print("(goal stated in the issue: PCLangevin / hand-written <= 1.15)")
     print(f"\n# {machine()}\n# end: {loadavg()}; total {time.perf_counter() - t_total:.0f} s\n# {command}")
+    write_results(opts.out, {
+        "mode": mode, "seed": opts.seed,
+        "ess": [{k: v for k, v in r.items() if k != "P"} for r in rows],
+        "gaussian_p_slope": None if slope is None else float(slope),
+        "timing": {name: {"median_ms": med, "min_ms": low} for name, (med, low) in timing.items()},
+        "timing_step_size": eta,
+    }, opts.note)
 
 
 if __name__ == "__main__":

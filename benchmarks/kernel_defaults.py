@@ -3,6 +3,7 @@ r"""Does ``PCLangevin(model)`` with its defaults give the posterior NUTS gives?
 Run from the repository root::
 
     python benchmarks/kernel_defaults.py          # about 2 minutes on 2 CPU cores
+    python benchmarks/kernel_defaults.py --samples 200 --out /tmp/kernel_defaults.json   # runs, in seconds
 
 Two models, one chain each, through ``pyro.infer.MCMC`` (seed 0):
 
@@ -16,18 +17,22 @@ diagonal preconditioner), and ``PCLangevin(model, adjust=False)`` (ULA at the
 step size warm-up tuned for the same acceptance). Each row prints the posterior
 mean and standard deviation of a site with their Monte Carlo standard errors
 (``arviz.mcse``, from ArviZ's effective sample size), and the ratio of the
-sampler's sd to the reference (NUTS for a, exact for b).
+sampler's sd to the reference (NUTS for a, exact for b). Writes
+``benchmarks/results/kernel_defaults.json`` (``--out``).
 """
+import argparse
+
 import arviz
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import MCMC, NUTS
 
+from common import results_path, write_results
 from pyro_lpc import PCLangevin
 
-WARMUP, SAMPLES = {"NUTS": 1000, "MALA": 1000, "ULA": 1000}, {"NUTS": 2000, "MALA": 10000, "ULA": 10000}
+WARMUP = {"NUTS": 1000, "MALA": 1000, "ULA": 1000}
+SAMPLES = {"NUTS": 2000, "MALA": 10000, "ULA": 10000}  # --samples scales these (NUTS gets a fifth)
 SCALES = torch.linspace(0.1, 1.0, 10)
 
 
@@ -69,11 +74,11 @@ def summary(samples):
     return rows
 
 
-def run(model, *args):
+def run(model, *args, samples=SAMPLES):
     out = {}
     for label, kernel in kernels(model).items():
         pyro.set_rng_seed(0)
-        mcmc = MCMC(kernel, num_samples=SAMPLES[label], warmup_steps=WARMUP[label],
+        mcmc = MCMC(kernel, num_samples=samples[label], warmup_steps=WARMUP[label],
                     disable_progbar=True)
         mcmc.run(*args)
         out[label] = summary(mcmc.get_samples())
@@ -99,16 +104,37 @@ def report(title, out, reference):
             print(f"{'':8} acceptance {acc:.2f}, step size {step:.3g}, divergences {div}")
 
 
+def record(out, reference) -> dict:
+    """``run``'s output as JSON: per sampler, each site's mean and sd with their MCSEs, the reference
+    sd, and (PCLangevin) acceptance, step size and divergences."""
+    samplers = {}
+    for label, rows in out.items():
+        samplers[label] = {"sites": {site: dict(zip(("mean", "mcse_mean", "sd", "mcse_sd"), map(float, row)))
+                                     for site, row in rows.items() if site != "_info"}}
+        if "_info" in rows:
+            samplers[label].update(zip(("acceptance", "step_size", "divergences"), map(float, rows["_info"])))
+    return {"reference_sd": {k: float(v) for k, v in reference.items()}, "samplers": samplers}
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=SAMPLES["MALA"],
+                        help="post-warm-up draws of MALA and ULA (NUTS: a fifth)")
+    parser.add_argument("--out", default=results_path("kernel_defaults"))
+    parser.add_argument("--note", help="free text stored with the results (shown on the page)")
+    args = parser.parse_args()
+    samples = {"NUTS": max(args.samples // 5, 1), "MALA": args.samples, "ULA": args.samples}
     torch.set_num_threads(1)
     pyro.set_rng_seed(0)
     y = 3.0 + 2.0 * torch.randn(50)
-    out = run(normal_model, y)
-    report("a. normal model, 50 points (reference: NUTS's sd)", out,
-           {site: row[2] for site, row in out["NUTS"].items()})
-    out = run(gaussian_model)
+    normal = run(normal_model, y, samples=samples)
+    reference = {site: row[2] for site, row in normal["NUTS"].items()}
+    report("a. normal model, 50 points (reference: NUTS's sd)", normal, reference)
+    gaussian = run(gaussian_model, samples=samples)
     exact = {"z[0]": SCALES[0].item(), "z[9]": SCALES[-1].item()}
-    report("b. 10-d Gaussian, sd 0.1..1 (reference: exact sd 0.1 and 1)", out, exact)
+    report("b. 10-d Gaussian, sd 0.1..1 (reference: exact sd 0.1 and 1)", gaussian, exact)
+    write_results(args.out, {"warmup": WARMUP, "samples": samples, "normal": record(normal, reference),
+                             "gaussian": record(gaussian, exact)}, args.note)
 
 
 if __name__ == "__main__":

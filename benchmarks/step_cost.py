@@ -21,8 +21,10 @@ batch 100). Timed, in one process, median over repetitions after a warm-up:
 The goal (issue 8): fit's step ≤ 1.3 × the decoder forward+backward.
 
     python benchmarks/step_cost.py [--threads 1 2] [--repeats 300] [--device cpu] [--compile-options '{}']
+    python benchmarks/step_cost.py --threads 1 --repeats 20 --out /tmp/step_cost.json   # a quick look
 
 On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize()``.
+Writes ``benchmarks/results/step_cost.json`` (``--out``).
 """
 import argparse
 import functools
@@ -34,6 +36,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from common import results_path, write_results
 from pyro_lpc import langevin
 from pyro_lpc.compiled import CompiledEnergies
 from pyro_lpc.models import mlp_model
@@ -106,20 +109,27 @@ def main():
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile-options", default="{}", help="torch.compile keyword arguments, as JSON")
+    parser.add_argument("--out", default=results_path("step_cost"))
+    parser.add_argument("--note", help="free text stored with the results (shown on the page)")
     options = parser.parse_args()
     device = torch.device(options.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {where}; MNIST MLP decoder, batch {BATCH}; "
           f"median ms over {options.repeats}\n")
     print("| threads | what | ms | / decoder | / plain energy |\n|---|---|---|---|---|")
+    rows, compile_seconds = [], {}
     for threads in options.threads:
         torch.set_num_threads(threads)
-        t, compile_seconds = measure(options.repeats, device, json.loads(options.compile_options))
+        t, compile_seconds[str(threads)] = measure(options.repeats, device, json.loads(options.compile_options))
         decoder, energy = t["decoder fwd+bwd (z)"], t["plain-torch ∇z energy"]
         for name, ms in t.items():
+            rows.append({"threads": threads, "what": name, "ms": ms})
             print(f"| {threads} | {name} | {ms:.3f} | {ms / decoder:.2f}x | {ms / energy:.2f}x |", flush=True)
-        print(f"| {threads} | compile time (s) | {compile_seconds:.1f} | | |")
+        print(f"| {threads} | compile time (s) | {compile_seconds[str(threads)]:.1f} | | |")
     print("\ngoal: fit's step <= 1.3x the decoder forward+backward")
+    write_results(options.out, {"device": where, "repeats": options.repeats,
+                                "compile_options": json.loads(options.compile_options), "rows": rows,
+                                "compile_seconds": compile_seconds}, options.note)
 
 
 if __name__ == "__main__":
