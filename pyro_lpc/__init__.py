@@ -1,8 +1,10 @@
 """pyro-lpc: Langevin Predictive Coding for Pyro models (Zahid, Guo & Fountas, ICML 2024)."""
-from .fit import FitResult, NonFiniteError, fit
+from .fit import fit
 from .kernel import PCLangevin
+from .lpc import LPC, NonFiniteError
 from .schedule import AdaptiveSteps
+from .training import FitResult
 from .warm_start import WarmStart
 
-__all__ = ["PCLangevin", "WarmStart", "fit", "FitResult", "NonFiniteError", "AdaptiveSteps"]
+__all__ = ["PCLangevin", "WarmStart", "LPC", "fit", "FitResult", "NonFiniteError", "AdaptiveSteps"]
 __version__ = "0.1.0"

@@ -15,7 +15,8 @@ from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 from . import distributed
 from .checkpoint import register_params
-from .fit import FitResult, NonFiniteError, run_epochs
+from .lpc import NonFiniteError
+from .training import FitResult, run_epochs
 from .potential import batch_shapes, find_data_plate
 
 OBJECTIVES = ("elbo", "iwae")

@@ -37,19 +37,18 @@ from pyro.poutine.messenger import Messenger
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .potential import ModelEnergy, Position
+from .potential import ModelEnergy, Position, PyroEvaluation
 
 
 #: recordings after which a warning says that something keeps changing between batches
 MANY_RECORDINGS = 8
 
 
-class CompiledEnergies:
-    """``energy``'s local value-and-gradient function, recorded once per batch shape.
-
-    ``CompiledEnergies(options)(energy, global_values)`` is a drop-in for
-    ``langevin.value_and_grad(energy.local_energy(global_values))``;
-    :meth:`log_joint_and_grad` for ``energy.log_joint`` and a backward pass to θ.
+class CompiledEnergies(PyroEvaluation):
+    """A :class:`~pyro_lpc.potential.ModelEnergy` evaluated by recordings: the same two methods
+    as :class:`~pyro_lpc.potential.PyroEvaluation` (the backend through Pyro), with the local
+    chains' value-and-gradient and θ's gradient recorded once per batch shape. While global
+    latents move with the local chains their joint evaluation goes through Pyro.
 
     :param options: ``None`` to run the recording as is, or keyword arguments of
         :func:`torch.compile` to compile it (once per batch shape).
@@ -66,12 +65,15 @@ class CompiledEnergies:
         ...         pyro.sample("x", dist.Normal(w * z, 0.5), obs=x)
         >>> x = torch.randn(5)
         >>> energy = ModelEnergy(model, (x,), {}, poutine.trace(model).get_trace(x))
-        >>> recorded = CompiledEnergies()(energy, {})
+        >>> recorded = CompiledEnergies().evaluation(energy, {}, move_globals=False)
         >>> u = {"z": torch.randn(5)}
-        >>> (value, grad), (ref_value, ref_grad) = recorded(u), langevin.value_and_grad(energy.local_energy({}))(u)
+        >>> (value, grad), _ = recorded(u, {})
+        >>> ref_value, ref_grad = langevin.value_and_grad(energy.local_energy({}))(u)
         >>> bool(torch.allclose(value, ref_value) and torch.allclose(grad["z"], ref_grad["z"]))
         True
     """
+
+    traces_every_call = False  # the sites' scales are inputs, read from each batch's prototype trace
 
     def __init__(self, options: Optional[dict] = None):
         if options is not None and not isinstance(options, dict):
@@ -80,8 +82,10 @@ class CompiledEnergies:
         # a recording per key; for θ's gradient with which parameters it differentiates
         self.recorded: Dict[tuple, Union[Callable, Tuple[Callable, List[bool]]]] = {}
 
-    def __call__(self, energy: ModelEnergy, global_values: Position):
-        """``position -> (U_i, {site: ∇U})`` for ``energy``'s batch (recorded on first use)."""
+    def evaluation(self, energy: ModelEnergy, global_values: Position, move_globals: bool):
+        """As :meth:`PyroEvaluation.evaluation`; the local energies recorded (on first use)."""
+        if move_globals and energy.globals:
+            return super().evaluation(energy, global_values, move_globals)
         local, globals_ = list(energy.local), list(global_values)
         others, param_names = _inputs(energy, [global_values[name] for name in globals_])
 
@@ -98,21 +102,21 @@ class CompiledEnergies:
                 grads = torch.autograd.grad(value.sum(), [position[name] for name in local])
             return (value.detach(), *grads)
 
-        def value_and_grad(position: Position):
+        def evaluate(position: Position, global_: Position):
             positions = [position[name].detach() for name in local]  # recording marks them as needing grad
             if key not in self.recorded:
                 self.recorded[key] = self._record(function, positions + others)
             value, *grads = self._run(self.recorded[key], positions + others)
-            return value, dict(zip(local, grads))
+            return (value, dict(zip(local, grads))), (None, {})
 
-        return value_and_grad
+        return evaluate
 
     def log_joint_and_grad(self, energy: ModelEnergy, values: Position):
         """Scaled ``log p_θ(x, z)`` at constrained ``values`` and its gradient with respect to
         the model's parameters ``θ`` — what :meth:`ModelEnergy.log_joint` and a backward pass
-        give. Returns ``(log_p, params, grads)``: ``params`` the param store's unconstrained
+        give. Returns ``(log_p, params, grads, None)``: ``params`` the param store's unconstrained
         tensors by name, ``grads`` their gradients (``None`` for a parameter the log-joint
-        does not use)."""
+        does not use); no trace."""
         sites = sorted(values)
         others, param_names = _inputs(energy, [values[name] for name in sites])
         key = ("theta", tuple(sites), tuple(param_names), tuple(sorted(energy.scales)), repr(energy.shapes),
@@ -137,7 +141,7 @@ class CompiledEnergies:
         log_p, *found = self._run(recorded, others)
         found = iter(found)
         params = others[len(others) - len(param_names):]
-        return log_p, dict(zip(param_names, params)), [next(found) if u else None for u in used]
+        return log_p, dict(zip(param_names, params)), [next(found) if u else None for u in used], None
 
     def _record(self, function, inputs: List[torch.Tensor]):
         """``function`` (forward and backward) as one graph; its inputs — the batch and the
@@ -170,8 +174,9 @@ def _inputs(energy: ModelEnergy, leading: List[torch.Tensor]) -> "tuple[List[tor
     param_names = sorted(energy.param_names)
     data = [v for v in tree_flatten((list(energy.args), dict(energy.kwargs)))[0] if torch.is_tensor(v)]
     subsample = [energy.replay.nodes[n]["value"] for n in sorted(energy.replay.nodes)]
-    device = next((t.device for t in list(leading) + data), None)  # where the batch lives
-    scales = [torch.as_tensor(energy.scales[n], device=device) for n in sorted(energy.scales)]
+    floats = [t for t in list(leading) + data if t.is_floating_point()]  # the batch's device and precision
+    like = dict(device=floats[0].device, dtype=floats[0].dtype) if floats else {}
+    scales = [torch.as_tensor(energy.scales[n], **like) for n in sorted(energy.scales)]
     params = [store.get_param(name).unconstrained() for name in param_names]
     return list(leading) + data + subsample + scales + params, param_names
 

@@ -3,11 +3,11 @@ r"""Chain diagnostics with ArviZ: fit-time Langevin chains and ``PCLangevin`` ru
 During ``fit`` each data point gets one short chain per mini-batch, which says
 nothing about convergence on its own. A :class:`ChainRecorder` therefore runs,
 after every epoch, ``num_chains`` independent chains for each of a few chosen
-data points with the learner's current sampler (same θ, warm start,
+data points with the run's current sampler (same θ, warm start,
 preconditioner, step size and K) and keeps every step, so that
 :func:`arviz.rhat`, :func:`arviz.ess`, :func:`arviz.summary` and
 :func:`arviz.plot_trace` apply. Recording neither changes the training's random
-stream nor its shared preconditioner: both are restored afterwards.
+stream nor its sampler state.
 
 Local latents only are recorded, with the global latents held at the values
 of their persistent chain (which the recorded points alone must not move).
@@ -64,21 +64,18 @@ class ChainRecorder:
         self.num_steps = num_steps
         self.records: Dict[int, arviz.InferenceData] = {}
 
-    def record(self, learner, label: int) -> arviz.InferenceData:
-        """Run the chains with ``learner``'s sampler and store them under ``label``."""
+    def record(self, lpc, label: int) -> arviz.InferenceData:
+        """Run the chains with ``lpc``'s sampler (an :class:`~pyro_lpc.LPC`, through
+        :meth:`~pyro_lpc.LPC.sample_chains`) and store them under ``label``; the
+        training's random stream is restored afterwards."""
         size = self.args[0].shape[0]
         replicated = tuple(a.repeat((self.num_chains,) + (1,) * (a.dim() - 1)) for a in self.args)
-        saved, rng, structure = learner.state_dict(), save_rng(), learner.structure
-        num_steps = learner.num_steps
+        rng = save_rng()
         try:
-            learner.num_steps = self.num_steps or learner.schedule.max_steps
-            with torch.no_grad():
-                _, energy, start = learner.chain_start(replicated, {}, iteration=f"record-{label}")
-                samples, _ = learner.run_chains(energy, start, keep="all", move_globals=False)
+            energy, info = lpc.sample_chains(*replicated, num_steps=self.num_steps, keep="all")
         finally:
-            learner.num_steps, learner.structure = num_steps, structure
-            learner.load_state_dict(saved)
             restore_rng(rng)
+        samples = info.kept
         posterior = {}
         for name in energy.local:
             steps = torch.stack([s[name].movedim(energy.chain_axis[name], 0) for s in samples])

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import langevin
-from .fit import minibatches
+from .training import minibatches
 from .potential import ModelEnergy, find_data_plate, in_plate, is_subsample, latent_sites, plate_log_prob, sum_except
 
 __all__ = ["log_marginal_likelihood", "ais_schedule"]

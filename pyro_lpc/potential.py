@@ -36,6 +36,8 @@ from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.mcmc.util import initialize_model
 
+from . import langevin
+
 Position = Dict[str, torch.Tensor]
 
 
@@ -159,7 +161,7 @@ def subsample_factor(site) -> float:
     """The part of a site's Pyro scale that plate subsampling contributes: the product of
     ``size / subsample_size`` over the subsampled plates holding it (1 if none)."""
     factor = 1.0
-    for frame in site["cond_indep_stack"]:
+    for frame in reversed(site["cond_indep_stack"]):  # innermost first, in the order Pyro multiplies
         if frame.full_size is not None and frame.full_size != frame.size:
             factor = factor * frame.full_size / frame.size
     return factor
@@ -194,25 +196,21 @@ def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
     not, indexes parts of a data point: pixels, time steps). ``None`` when they share no
     plate. Observed sites outside every plate are not data points (see
     :meth:`ModelEnergy.coupled_sites`)."""
-    frames, order = {}, {}
-    shared = None
+    frames = {}
+    shared = None  # the plates shared by the observed sites, in an observed site's order (outermost first)
     for site in trace.nodes.values():
         if site["type"] != "sample" or is_subsample(site):
             continue
         stack = [f for f in site["cond_indep_stack"] if f.vectorized]  # outermost first
-        for depth, frame in enumerate(stack):
-            frames[frame.name] = frame
-            order[frame.name] = min(depth, order.get(frame.name, depth))
+        frames.update((f.name, f) for f in stack)
         if site["is_observed"] and stack:
-            names = {f.name for f in stack}
-            shared = names if shared is None else shared & names
+            names = [f.name for f in stack]
+            shared = names if shared is None else [n for n in shared if n in names]
     if name is not None:
         if name not in frames:
             raise ValueError(f"data_plate={name!r} is not a plate of the model (plates: {sorted(frames)}).")
         return frames[name]
-    if not shared:
-        return None
-    return frames[min(shared, key=lambda n: order[n])]
+    return frames[shared[0]] if shared else None
 
 
 def _is_real(support) -> bool:
@@ -345,9 +343,8 @@ class ModelEnergy:
             for name in self.outside:
                 site = trace.nodes[name]
                 log_p = site["fn"].log_prob(site["value"])
-                if log_p.requires_grad and any(
-                    g is not None for g in torch.autograd.grad(log_p.sum(), list(leaves.values()), allow_unused=True)
-                ):
+                if log_p.requires_grad and any(g is not None for g in torch.autograd.grad(
+                        log_p.sum(), list(leaves.values()), allow_unused=True, retain_graph=True)):
                     coupled.append(name)
         return coupled
 
@@ -456,3 +453,37 @@ class ModelEnergy:
         if self.plate is None:
             return 1
         return self.plate.full_size or self.plate.size
+
+
+def param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
+    """The unconstrained tensors of the ``pyro.param`` sites of ``trace``, by name (what an
+    optimiser updates)."""
+    return {name: site["value"].unconstrained() for name, site in trace.nodes.items() if site["type"] == "param"}
+
+
+class PyroEvaluation:
+    """A :class:`ModelEnergy` evaluated through Pyro: the model is traced and differentiated at
+    every call. The backend ``LPC`` uses unless ``jit_compile`` (then
+    :class:`~pyro_lpc.compiled.CompiledEnergies`, which has the same two methods)."""
+
+    #: whether every evaluation traces the model afresh (and so reads its current scales)
+    traces_every_call = True
+
+    def evaluation(self, energy: "ModelEnergy", global_values: Position, move_globals: bool):
+        """``(local, global_) -> ((U_i, ∇_local), (U, ∇_global))``: with ``move_globals`` (and global
+        latents) both from one model evaluation (:meth:`ModelEnergy.joint_value_and_grad`);
+        otherwise the local energies with the global latents held at ``global_values`` and
+        ``(None, {})`` for the global part."""
+        if move_globals and energy.globals:
+            return energy.joint_value_and_grad
+        local_value_and_grad = langevin.value_and_grad(energy.local_energy(global_values))
+        return lambda local, global_: (local_value_and_grad(local), (None, {}))
+
+    def log_joint_and_grad(self, energy: "ModelEnergy", values: Position):
+        """Scaled ``log p_θ(x, z)`` at constrained ``values`` (detached), the model's parameters
+        ``θ`` by name, their gradients (``None`` where unused) and the trace."""
+        log_p, trace = energy.log_joint(values)
+        params = param_tensors(trace)
+        grads = torch.autograd.grad(log_p, list(params.values()), allow_unused=True) \
+            if params and log_p.requires_grad else [None] * len(params)
+        return log_p.detach(), params, list(grads), trace

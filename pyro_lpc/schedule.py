@@ -165,6 +165,11 @@ class StepSizeAdaptation:
             self.log_step_size = min(max(moved, self.bounds[0]), self.bounds[1])
         return self.step_size
 
+    def halve(self) -> float:
+        """After divergent steps: η halves (within the bounds); returns it."""
+        self.log_step_size = max(self.log_step_size - math.log(2.0), self.bounds[0])
+        return self.step_size
+
     def state_dict(self) -> dict:
         return {"log_step_size": self.log_step_size}
 

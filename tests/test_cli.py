@@ -135,13 +135,13 @@ def test_compile_option_reaches_fit_and_trains_alike(tmp_path, monkeypatch, lpc_
 
     seen = []
     real_fit = cli.fit
-    monkeypatch.setattr(cli, "fit", lambda *args, **kwargs: seen.append(kwargs["jit_compile"]) or
-                        real_fit(*args, **kwargs))
+    monkeypatch.setattr(cli, "fit", lambda *args, **kwargs: seen.append((kwargs["jit_compile"], kwargs["jit_options"]))
+                        or real_fit(*args, **kwargs))
     run = str(tmp_path / "recorded")
     assert main(["train", "--out", run, "--compile", "record"] + TINY) == 0
     with open(os.path.join(run, "config.json")) as f:
         assert json.load(f)["compile"] == "record"
-    assert seen == [True]
+    assert seen == [(True, None)]
     # the recorded energy and gradient give the same chains as Pyro's evaluation, to float rounding
     assert [r["log_joint"] for r in history(run)] == pytest.approx([r["log_joint"] for r in history(lpc_run)],
                                                                     rel=1e-4)

@@ -1,6 +1,6 @@
 """Models with global latents out of the box: Pyro's sparse gamma DEF example (Gamma latents,
 global weights) trains with fit's default settings; divergent Langevin steps are rejected,
-reported and make η smaller instead of ending the run; target_accept works with globals."""
+reported and make η smaller instead of ending the run; target_accept_prob works with globals."""
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -77,7 +77,7 @@ def test_sparse_gamma_def_trains_with_default_settings(with_guide):
 
 def test_target_accept_runs_with_the_global_weights_moving():
     sgdef = SparseGammaDEF()
-    result = fit(sgdef.model, sgdef.guide, faces(), batch_size=64, num_epochs=10, target_accept=0.574,
+    result = fit(sgdef.model, sgdef.guide, faces(), batch_size=64, num_epochs=10, target_accept_prob=0.574,
                  progress=False, seed=0)
     assert all(0.0 <= a <= 1.0 for a in result["accept_rate"])
     assert len(set(result["step_size"])) > 1  # η moved with the acceptance

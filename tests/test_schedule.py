@@ -8,7 +8,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_lpc import fit
-from pyro_lpc.fit import _kept_steps, _Learner
+from pyro_lpc.lpc import LPC, kept_steps
 from pyro_lpc.schedule import AdaptiveSteps, StepSizeAdaptation, steps_schedule
 
 
@@ -56,12 +56,12 @@ def test_step_size_moves_towards_the_target_acceptance():
 
 
 def test_keep_selects_steps_and_falls_back_to_the_last():
-    assert _kept_steps("all", 4) == {1, 2, 3, 4}
-    assert _kept_steps("last", 4) == {4}
-    assert _kept_steps(2, 4) == {3, 4}
-    assert _kept_steps(6, 4) == {4}  # a burn-in beyond a short (adaptive) chain keeps the last
-    assert _kept_steps(slice(4, None, 5), 20) == {5, 10, 15, 20}  # every 5th
-    assert _kept_steps(slice(4, None, 5), 3) == {3}
+    assert kept_steps("all", 4) == {1, 2, 3, 4}
+    assert kept_steps("last", 4) == {4}
+    assert kept_steps(2, 4) == {3, 4}
+    assert kept_steps(6, 4) == {4}  # a burn-in beyond a short (adaptive) chain keeps the last
+    assert kept_steps(slice(4, None, 5), 20) == {5, 10, 15, 20}  # every 5th
+    assert kept_steps(slice(4, None, 5), 3) == {3}
 
 
 # -- the schedule inside fit: a linear-Gaussian model with a fixed guide -----------------
@@ -159,7 +159,7 @@ def test_the_fused_zero_step_gradients_equal_the_separate_ones(monkeypatch):
         return params(), result["log_joint"], result["guide_loss"]
 
     fused = run()
-    monkeypatch.setattr(_Learner, "fused_gradients", lambda *args: None)
+    monkeypatch.setattr(LPC, "_fused_gradients", lambda *args: None)
     separate = run()
     for name in fused[0]:
         assert torch.allclose(fused[0][name], separate[0][name], atol=1e-6), name
@@ -170,7 +170,7 @@ def test_the_fused_zero_step_gradients_equal_the_separate_ones(monkeypatch):
 # -- step-size adaptation inside fit ------------------------------------------------------
 def test_the_step_size_settles_where_the_acceptance_rate_meets_the_target():
     x = torch.randn(200, generator=torch.Generator().manual_seed(2)) * math.sqrt(1 + S**2)
-    result = fit(model, None, [(x,)] * 150, num_steps=10, step_size=2.0, target_accept=0.6, seed=0,
+    result = fit(model, None, [(x,)] * 150, num_steps=10, step_size=2.0, target_accept_prob=0.6, seed=0,
                  progress=False, precondition=None, adjust=True)
     rates, sizes = result["accept_rate"], result["step_size"]
     # after settling, each rate averages 10 steps x 200 chains; its spread across
@@ -192,7 +192,7 @@ def test_target_accept_adapts_the_local_step_size_with_global_latents_present():
             pyro.sample("x", dist.Normal(z, S), obs=x)
 
     x = torch.randn(200, generator=torch.Generator().manual_seed(2)) * math.sqrt(1 + S**2)
-    result = fit(hierarchical, None, [(x,)] * 150, num_steps=10, step_size=2.0, target_accept=0.6, seed=0,
+    result = fit(hierarchical, None, [(x,)] * 150, num_steps=10, step_size=2.0, target_accept_prob=0.6, seed=0,
                  progress=False, precondition=None)
     rates, sizes = result["accept_rate"], result["step_size"]
     assert abs(sum(rates[-50:]) / 50 - 0.6) < 0.02  # as above: spread of the mean ~0.01
@@ -207,7 +207,19 @@ def test_zero_steps_need_a_reverse_kl_term():
         fit(vae_model, vae_guide, [(x,)], num_steps=0, warm_start="forward", progress=False)
     schedule = AdaptiveSteps(max_steps=4, initial=0)
     result = fit(vae_model, None, [(x,)] * 3, num_steps=schedule, progress=False)
-    assert schedule.min_steps == 1 and min(result["num_steps"]) >= 1
+    assert min(result["num_steps"]) >= 1  # the run keeps at least one step ...
+    assert (schedule.min_steps, schedule.steps) == (0, 0)  # ... without changing the user's object
+
+
+def test_a_users_adaptive_steps_object_carries_no_state_into_the_next_run():
+    """Before: fit updated the AdaptiveSteps it was given, so a second run started where the
+    first left off (here K = 1 instead of the initial 8)."""
+    x = torch.randn(16, generator=torch.Generator().manual_seed(3)) * math.sqrt(1 + S**2)
+    schedule = AdaptiveSteps(max_steps=8, tolerance=100.0)  # a large tolerance: K halves every iteration
+    first = fit(model, None, [(x,)] * 4, num_steps=schedule, seed=0, progress=False)["num_steps"]
+    second = fit(model, None, [(x,)] * 4, num_steps=schedule, seed=0, progress=False)["num_steps"]
+    assert first == second == [8, 4, 2, 1]
+    assert schedule.state_dict() == AdaptiveSteps(max_steps=8, tolerance=100.0).state_dict()
 
 
 def test_a_bad_keep_slice_is_named_before_training():

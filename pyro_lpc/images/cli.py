@@ -45,8 +45,9 @@ MODELS = ("mlp", "conv")
 DATASET_NAMES = [d for d in DATASETS if ":" not in d]
 
 
-#: ``--compile`` choices and the ``fit(jit_compile=...)`` each stands for
-COMPILE = {"off": False, "record": True, "inductor": {}, "cuda-graphs": {"mode": "reduce-overhead"}}
+#: ``--compile`` choices and the ``fit(jit_compile=..., jit_options=...)`` each stands for
+COMPILE = {"off": (False, None), "record": (True, None), "inductor": (True, {}),
+           "cuda-graphs": (True, {"mode": "reduce-overhead"})}
 
 
 def _num_steps(value: str):
@@ -193,11 +194,12 @@ def train(args) -> int:
     started = time.perf_counter()
     if config["method"] == "lpc":
         guide = None if config["warm_start"] == "none" else dlgm.guide
+        jit_compile, jit_options = COMPILE[config.get("compile", "off")]
         result = fit(dlgm.model, guide, loader, num_steps=config["num_steps"], step_size=config["step_size"],
                      precondition=config["precondition"], adjust=config["adjust"],
                      warm_start="jeffreys" if guide is None else config["warm_start"],
-                     keep=_keep_for_fit(config["keep"]), target_accept=config.get("target_accept"),
-                     jit_compile=COMPILE[config.get("compile", "off")], optim=optim(), guide_optim=optim(), **common)
+                     keep=_keep_for_fit(config["keep"]), target_accept_prob=config.get("target_accept"),
+                     jit_compile=jit_compile, jit_options=jit_options, optim=optim(), guide_optim=optim(), **common)
     else:
         objective = "elbo" if config["method"] == "vae" else "iwae"
         result = fit_svi(dlgm.model, dlgm.guide, loader, objective=objective, num_particles=config["particles"],
