@@ -3,7 +3,7 @@
     python benchmarks/cifar10.py --budget small
     python benchmarks/cifar10.py --budget smoke --out /tmp/cifar10.json --images-dir /tmp   # runs, in a minute
 
-The β-VAE-style conv model (:func:`pyro_lpc.models.conv_model`, 64 latent dimensions),
+The β-VAE-style conv model (:func:`pyro_lpc.images.models.conv_model`, 64 latent dimensions),
 discretised Gaussian likelihood (σ = 0.1), pixels in [-1, 1], batch 100, all 50,000 training
 images; LPC with ``fit``'s defaults and the Jeffreys warm start, the VAE through ``fit_svi``,
 each for ``seconds`` of training with its family's learning rate (``--lr-lpc`` / ``--lr-vae``;
@@ -28,9 +28,9 @@ import torch
 from common import (IMAGES, TimedStream, default_data_root, final_state, fit_settings, log, plot_sample_grids,
                     results_path, samples, stack, strip_states, train, write_results)
 from mnist import LPC, VAE
-from pyro_lpc.data import load_dataset
-from pyro_lpc.evaluate import sample_quality, train_feature_extractor
-from pyro_lpc.models import conv_model
+from pyro_lpc.images.data import load_dataset
+from pyro_lpc.images.sample_quality import sample_quality, train_feature_extractor
+from pyro_lpc.images.models import conv_model
 
 
 @dataclass(frozen=True)

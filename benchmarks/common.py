@@ -35,10 +35,10 @@ import torch
 
 from pyro_lpc import fit
 from pyro_lpc.baselines import fit_svi
-from pyro_lpc.data import load_dataset
-from pyro_lpc.evaluate import log_marginal_likelihood
+from pyro_lpc.images.data import load_dataset
+from pyro_lpc.marginal_likelihood import log_marginal_likelihood
 from pyro_lpc.fit import NonFiniteError
-from pyro_lpc.models import mlp_model
+from pyro_lpc.images.models import mlp_model
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -113,7 +113,7 @@ def writable_mnist_root(data_root: str) -> str:
 
 
 def stack(dataset, indices=None):
-    """Items of an :class:`~pyro_lpc.data.ImageDataset` as one tensor (two with ``labels=True``)."""
+    """Items of an :class:`~pyro_lpc.images.data.ImageDataset` as one tensor (two with ``labels=True``)."""
     items = [dataset[i] for i in (indices if indices is not None else range(len(dataset)))]
     if isinstance(items[0], tuple):
         return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])

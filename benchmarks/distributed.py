@@ -37,7 +37,7 @@ import torch
 
 from common import results_path, write_results
 from pyro_lpc import distributed, fit
-from pyro_lpc.models import conv_model, mlp_model
+from pyro_lpc.images.models import conv_model, mlp_model
 
 BATCH, LATENT, NUM_STEPS = 100, 50, 20
 

@@ -37,7 +37,7 @@ import torch
 
 from common import phase_shares, results_path, write_results
 from pyro_lpc import fit, langevin
-from pyro_lpc.models import mlp_model
+from pyro_lpc.images.models import mlp_model
 
 BATCH, LATENT = 100, 50
 
@@ -65,7 +65,8 @@ def time_fit(dlgm, batches, num_steps, step_size, jit_compile=False):
             stamps.append(time.perf_counter())
 
     fit(dlgm.model, dlgm.guide, Clock(), num_steps=num_steps, step_size=step_size,
-        keep="all", progress=False, seed=0, jit_compile=jit_compile)
+        keep="all", progress=False, seed=0, jit_compile=jit_compile is not False,
+        jit_options=jit_compile if isinstance(jit_compile, dict) else None)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 

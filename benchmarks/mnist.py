@@ -35,7 +35,7 @@ import torch
 from common import (IMAGES, Method, default_data_root, final_state, fit_settings, log, log_likelihood, loadavg,
                     machine, mnist_data, plot_sample_grids, pyplot, results_path, run_mnist_method, samples,
                     strip_states, timed, writable_mnist_root, write_results)
-from pyro_lpc.evaluate import sample_quality, train_feature_extractor
+from pyro_lpc.images.sample_quality import sample_quality, train_feature_extractor
 
 @dataclass(frozen=True)
 class Budget:

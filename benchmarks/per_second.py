@@ -45,7 +45,7 @@ VARIANTS = {
     "LPC K=20, keep last": Method("LPC K=20, keep last", "lpc", {"num_steps": 20, "keep": "last"}),
     "LPC K=5, keep last": Method("LPC K=5, keep last", "lpc", {"num_steps": 5, "keep": "last"}),
     "LPC K=5, keep last, η adapted": Method(
-        "LPC K=5, keep last, η adapted", "lpc", {"num_steps": 5, "keep": "last", "target_accept": 0.57}),
+        "LPC K=5, keep last, η adapted", "lpc", {"num_steps": 5, "keep": "last", "target_accept_prob": 0.57}),
     "LPC auto K ≤ 20, keep last": Method(
         "LPC auto K ≤ 20, keep last", "lpc", {"num_steps": "auto", "keep": "last"}),
     "LPC auto, tolerance 3": Method(
@@ -54,14 +54,15 @@ VARIANTS = {
     # the chains' energy and gradient recorded once and compiled by torch.compile (pyro_lpc.compiled)
     "LPC K=5, keep last, η adapted, compiled": Method(
         "LPC K=5, keep last, η adapted, compiled", "lpc",
-        {"num_steps": 5, "keep": "last", "target_accept": 0.57, "jit_compile": {}}),
+        {"num_steps": 5, "keep": "last", "target_accept_prob": 0.57, "jit_compile": True, "jit_options": {}}),
     "LPC auto, tolerance 3, compiled": Method(
         "LPC auto, tolerance 3, compiled", "lpc",
-        {"num_steps": AdaptiveSteps(tolerance=3.0), "keep": "last", "jit_compile": {}}),
+        {"num_steps": AdaptiveSteps(tolerance=3.0), "keep": "last", "jit_compile": True, "jit_options": {}}),
     # on a GPU: the compiled recording replayed as a CUDA graph
     "LPC K=5, keep last, η adapted, CUDA graphs": Method(
         "LPC K=5, keep last, η adapted, CUDA graphs", "lpc",
-        {"num_steps": 5, "keep": "last", "target_accept": 0.57, "jit_compile": {"mode": "reduce-overhead"}}),
+        {"num_steps": 5, "keep": "last", "target_accept_prob": 0.57, "jit_compile": True,
+         "jit_options": {"mode": "reduce-overhead"}}),
 }
 
 

@@ -26,8 +26,8 @@ import torch
 
 from common import (IMAGES, Method, TimedStream, default_data_root, final_state, fit_settings, log, log_likelihood,
                     mnist_model, pyplot, results_path, stack, timed, train, writable_mnist_root, write_results)
-from pyro_lpc.data import load_dataset
-from pyro_lpc.models import mlp_model
+from pyro_lpc.images.data import load_dataset
+from pyro_lpc.images.models import mlp_model
 
 
 @dataclass(frozen=True)
