@@ -8,7 +8,7 @@ batch 100). Timed, in one process, median over repetitions after a warm-up:
 * ``energy``: the same plus the likelihood and prior, ``∇z -log p(x, z)`` in plain
   PyTorch (what a hand-written LPC loop computes per step; the model's own
   likelihood as a torch distribution, argument checks off as in ``fit``'s chains);
-* ``fit's step``: ``langevin.step`` on ``ModelEnergy``'s per-data-point energy,
+* ``fit's step``: ``langevin.step`` on ``SplitEnergy``'s per-data-point energy,
   exactly what ``fit`` runs per step (Pyro trace of the model, constrain/unconstrain,
   the preconditioned proposal, the MALA acceptance diagnostic);
 * ``fit's step, recorded``: the same with ``fit(jit_compile=True)``'s recorded
@@ -40,7 +40,7 @@ from common import results_path, write_results
 from pyro_lpc import langevin
 from pyro_lpc.compiled import CompiledEnergies
 from pyro_lpc.images.models import mlp_model
-from pyro_lpc.potential import ModelEnergy, latent_sites, subsample_trace
+from pyro_lpc.potential import SplitEnergy, latent_sites, subsample_trace
 
 BATCH, LATENT = 100, 50
 
@@ -71,7 +71,7 @@ def setup(device: torch.device = torch.device("cpu")):
         replay.add_node(name, type="sample", is_observed=False, value=guide_trace.nodes[name]["value"].detach(),
                         infer={})
     prototype = poutine.trace(poutine.replay(dlgm.model, trace=replay)).get_trace(x)
-    energy = ModelEnergy(dlgm.model, (x,), {}, prototype)
+    energy = SplitEnergy(dlgm.model, (x,), {}, prototype)
     position = energy.unconstrain({n: prototype.nodes[n]["value"].detach() for n in energy.local})
     return dlgm, x, energy, position
 

@@ -20,7 +20,7 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import transform_to
 
-from .potential import subsample_trace
+from .potential import guide_and_model_traces
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -114,13 +114,10 @@ def to_device(obj, device):
 def register_params(model, guide, args, kwargs) -> poutine.Trace:
     """Run ``guide`` and ``model`` once on a batch so that every ``pyro.param`` and
     ``pyro.module`` is in the param store, leaving the random streams untouched.
-    Returns the model's trace (on the guide's subsample indices)."""
+    Returns the model's trace (replayed on the guide's draws)."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=devices):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
-        replay = subsample_trace(guide_trace) if guide_trace is not None else None
-        return poutine.trace(model if replay is None else poutine.replay(model, trace=replay)).get_trace(
-            *args, **kwargs)
+        return guide_and_model_traces(model, guide, args, kwargs)[1]
 
 
 def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "pyro.optim.PyroOptim"]) -> dict:

@@ -37,7 +37,8 @@ from pyro.poutine.messenger import Messenger
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .potential import ModelEnergy, Position, PyroEvaluation
+from . import langevin
+from .potential import SplitEnergy, Position, PyroEvaluation
 
 
 #: recordings after which a warning says that something keeps changing between batches
@@ -45,7 +46,7 @@ MANY_RECORDINGS = 8
 
 
 class CompiledEnergies(PyroEvaluation):
-    """A :class:`~pyro_lpc.potential.ModelEnergy` evaluated by recordings: the same two methods
+    """A :class:`~pyro_lpc.potential.SplitEnergy` evaluated by recordings: the same two methods
     as :class:`~pyro_lpc.potential.PyroEvaluation` (the backend through Pyro), with the local
     chains' value-and-gradient and θ's gradient recorded once per batch shape. While global
     latents move with the local chains their joint evaluation goes through Pyro.
@@ -57,14 +58,14 @@ class CompiledEnergies(PyroEvaluation):
 
         >>> import pyro, pyro.distributions as dist, pyro.poutine as poutine, torch
         >>> from pyro_lpc import langevin
-        >>> from pyro_lpc.potential import ModelEnergy
+        >>> from pyro_lpc.potential import SplitEnergy
         >>> def model(x):
         ...     w = pyro.param("w", torch.tensor(2.0))
         ...     with pyro.plate("data", x.shape[0]):
         ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         ...         pyro.sample("x", dist.Normal(w * z, 0.5), obs=x)
         >>> x = torch.randn(5)
-        >>> energy = ModelEnergy(model, (x,), {}, poutine.trace(model).get_trace(x))
+        >>> energy = SplitEnergy(model, (x,), {}, poutine.trace(model).get_trace(x))
         >>> recorded = CompiledEnergies().evaluation(energy, {}, move_globals=False)
         >>> u = {"z": torch.randn(5)}
         >>> (value, grad), _ = recorded(u, {})
@@ -82,7 +83,7 @@ class CompiledEnergies(PyroEvaluation):
         # a recording per key; for θ's gradient with which parameters it differentiates
         self.recorded: Dict[tuple, Union[Callable, Tuple[Callable, List[bool]]]] = {}
 
-    def evaluation(self, energy: ModelEnergy, global_values: Position, move_globals: bool):
+    def evaluation(self, energy: SplitEnergy, global_values: Position, move_globals: bool):
         """As :meth:`PyroEvaluation.evaluation`; the local energies recorded (on first use)."""
         if move_globals and energy.globals:
             return super().evaluation(energy, global_values, move_globals)
@@ -94,13 +95,10 @@ class CompiledEnergies(PyroEvaluation):
 
         def function(*flat):
             it = iter(flat)
-            position = {name: next(it).requires_grad_(True) for name in local}
+            position = {name: next(it) for name in local}
             values = {name: next(it) for name in globals_}
-            bound = _bind(energy, it)
-            with torch.enable_grad():
-                value = bound.local_energy(values)(position)
-                grads = torch.autograd.grad(value.sum(), [position[name] for name in local])
-            return (value.detach(), *grads)
+            value, grads = langevin.value_and_grad(_bind(energy, it).local_energy(values))(position)
+            return (value, *[grads[name] for name in local])
 
         def evaluate(position: Position, global_: Position):
             positions = [position[name].detach() for name in local]  # recording marks them as needing grad
@@ -111,9 +109,9 @@ class CompiledEnergies(PyroEvaluation):
 
         return evaluate
 
-    def log_joint_and_grad(self, energy: ModelEnergy, values: Position):
+    def log_joint_and_grad(self, energy: SplitEnergy, values: Position):
         """Scaled ``log p_θ(x, z)`` at constrained ``values`` and its gradient with respect to
-        the model's parameters ``θ`` — what :meth:`ModelEnergy.log_joint` and a backward pass
+        the model's parameters ``θ`` — what :meth:`SplitEnergy.log_joint` and a backward pass
         give. Returns ``(log_p, params, grads, None)``: ``params`` the param store's unconstrained
         tensors by name, ``grads`` their gradients (``None`` for a parameter the log-joint
         does not use); no trace."""
@@ -166,7 +164,7 @@ class CompiledEnergies(PyroEvaluation):
         return outputs
 
 
-def _inputs(energy: ModelEnergy, leading: List[torch.Tensor]) -> "tuple[List[torch.Tensor], List[str]]":
+def _inputs(energy: SplitEnergy, leading: List[torch.Tensor]) -> "tuple[List[torch.Tensor], List[str]]":
     """The tensors a recording reads after ``leading``: the batch's tensors (also those inside
     lists, tuples and dicts), the replayed subsample indices, the sample sites' scales and the
     parameters (unconstrained, as the optimiser updates them); and the parameters' names."""
@@ -193,7 +191,7 @@ class _Scales(Messenger):
             msg["scale"] = self.scales[msg["name"]]
 
 
-def _bind(energy: ModelEnergy, inputs) -> ModelEnergy:
+def _bind(energy: SplitEnergy, inputs) -> SplitEnergy:
     """``energy`` on the batch tensors, subsample indices and scales taken, in :func:`_inputs`'
     order, from the iterator ``inputs`` (the parameters that follow are read by the model
     itself). The scales replace those the model's handlers set: the wrapper is outermost, so

@@ -14,7 +14,8 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.ops.dual_averaging import DualAveraging
 
 from . import langevin
-from .potential import latent_sites, model_potential, nonfinite_sites, unconstrain
+from .potential import joint_potential, nonfinite_sites, unconstrain
+from .warm_start import check_guide_sites, guide_values
 
 #: At most this many doublings or halvings when searching for a reasonable step size.
 MAX_STEP_SIZE_SEARCH = 100
@@ -132,7 +133,7 @@ class PCLangevin(MCMCKernel):
         precondition: Optional[str] = "diagonal",
         adjust: bool = True,
         adapt_step_size: bool = True,
-        target_accept_prob: float = 0.574,
+        target_accept_prob: float = langevin.MALA_TARGET_ACCEPT,
         adapt_preconditioner: bool = True,
         init_strategy=init_to_uniform,
         transforms=None,
@@ -189,7 +190,7 @@ class PCLangevin(MCMCKernel):
         self.step_size = self._init_step_size
         self._args, self._kwargs = args, kwargs
         if self.model is not None:
-            built = model_potential(
+            built = joint_potential(
                 self.model,
                 args,
                 kwargs,
@@ -225,17 +226,10 @@ class PCLangevin(MCMCKernel):
     def _guide_params(self, params, args, kwargs):
         """Unconstrained starting values drawn from the ``init`` guide: the values of its
         non-auxiliary sites (an autoguide's auxiliary sites are its own variables)."""
-        from .warm_start import guide_values  # noqa: PLC0415 (this method's region only)
-
         with torch.no_grad(), poutine.block():
             trace = poutine.trace(self.init).get_trace(*args, **kwargs)
+        check_guide_sites(trace, params, who="The init guide")
         drawn = {name: value.detach() for name, value in guide_values(trace).items()}
-        unknown = sorted(set(drawn) - set(params))
-        if unknown:
-            raise ValueError(
-                f"The init guide samples site(s) {unknown} that are not latent sites of "
-                f"the model (latent sites: {sorted(params)})."
-            )
         for name, value in drawn.items():
             if value.shape != params[name].shape:
                 raise ValueError(

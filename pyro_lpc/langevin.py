@@ -68,6 +68,9 @@ PotentialAndGrad = Callable[[Position], "tuple[torch.Tensor, Position]"]
 PRECONDITIONERS = (None, "diagonal", "rmsprop", "adam")
 #: The paper's per-chain kinds: ``P`` changes at every step, so no Metropolis test is exact.
 PER_CHAIN = ("rmsprop", "adam")
+#: The MALA acceptance probability that step sizes are tuned towards: optimal for MALA in high
+#: dimension (Roberts & Rosenthal 1998).
+MALA_TARGET_ACCEPT = 0.574
 #: Defaults for the preconditioner constants (β1, β2, λ); see docs for how they were chosen.
 BETA1, BETA2, EPSILON = 0.9, 0.99, 1e-5
 

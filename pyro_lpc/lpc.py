@@ -27,7 +27,7 @@ data plate, and of an inner subsampled plate) and the user's own
 per-point energy divides out the subsampling factors only; θ's step and the
 global chain see Pyro's full scales, as ``SVI`` and Pyro's HMC potential do. A
 site outside the data plate whose log-density depends on local latents couples
-the data points and is refused (:meth:`~pyro_lpc.potential.ModelEnergy.check_factorises`).
+the data points and is refused (:meth:`~pyro_lpc.potential.SplitEnergy.check_factorises`).
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ import torch
 from . import chains, distributed, langevin
 from .checkpoint import register_params
 from .compiled import CompiledEnergies
-from .potential import ModelEnergy, PyroEvaluation, batch_shapes, latent_sites, nonfinite_in_trace, \
+from .potential import SplitEnergy, PyroEvaluation, batch_shapes, latent_sites, nonfinite_in_trace, \
     param_tensors, subsample_trace
 from .schedule import AdaptiveSteps, StepSizeAdaptation, steps_schedule
-from .warm_start import WarmStart
+from .warm_start import WarmStart, check_guide_sites
 
 
 class NonFiniteError(RuntimeError):
@@ -165,7 +165,7 @@ class LPC:
         self.state = chains.SamplerState()
         self.iteration = 0
         self._synced = False  # parameters broadcast from rank 0 yet?
-        self._structure = None  # the last batch's ModelEnergy, reused by later batches of its shapes
+        self._structure = None  # the last batch's SplitEnergy, reused by later batches of its shapes
         self._factorising_shapes = set()  # batch shapes whose model was checked to factorise
 
     @property
@@ -266,7 +266,7 @@ class LPC:
         """Run the chains on the batch ``model(*args, **kwargs)`` without training: the global
         latents held at their current values, nothing of this object's state changed (its
         random draws do advance torch's stream). Returns the batch's
-        :class:`~pyro_lpc.potential.ModelEnergy` and :class:`~pyro_lpc.chains.ChainsInfo`
+        :class:`~pyro_lpc.potential.SplitEnergy` and :class:`~pyro_lpc.chains.ChainsInfo`
         (``keep`` as for the constructor; ``num_steps`` default :attr:`max_steps`)."""
         structure, state = self._structure, self.state
         try:
@@ -291,11 +291,11 @@ class LPC:
                 self.global_step_size /= 2.0
 
     def _chain_start(self, args, kwargs, reuse_structure=True):
-        """Draw chain starts; returns (guide trace or None, ModelEnergy, start values).
+        """Draw chain starts; returns (guide trace or None, SplitEnergy, start values).
 
         With ``reuse_structure`` and a batch the last one's structure serves
         (:meth:`_reusable`), the model is not traced here: the last batch's
-        :class:`ModelEnergy` is rebound to this batch and the guide's draws (the
+        :class:`SplitEnergy` is rebound to this batch and the guide's draws (the
         first batch of those shapes was checked against the model)."""
         try:
             if self.warm is not None:
@@ -326,7 +326,7 @@ class LPC:
                 f"{batch_shapes(args, kwargs)}: {type(error).__name__}: {error}"
             )
             raise RuntimeError(message) from error
-        energy = ModelEnergy(self.model, args, kwargs, prototype, self.data_plate)
+        energy = SplitEnergy(self.model, args, kwargs, prototype, self.data_plate)
         self._check_sites(energy, guide_trace)
         if repr(energy.shapes) not in self._factorising_shapes:  # structural: once per batch shape
             energy.check_factorises(start)
@@ -350,7 +350,7 @@ class LPC:
                 and structure.shapes == batch_shapes(args, kwargs)
                 and set(start) == set(structure.local) and set(structure.replay.nodes) <= set(replay.nodes))
 
-    def _check_sites(self, energy: ModelEnergy, guide_trace):
+    def _check_sites(self, energy: SplitEnergy, guide_trace):
         if not energy.transforms:
             raise ValueError(
                 "The model has no latent sample site: there is nothing for Langevin dynamics to "
@@ -365,23 +365,12 @@ class LPC:
             )
         if guide_trace is None:
             return
-        guide_sites = set(self.warm.values(guide_trace))
-        unknown = sorted(guide_sites - set(energy.transforms))
-        if unknown:
-            raise ValueError(
-                f"The guide samples site(s) {unknown} that are not latent sites of the model "
-                f"(model latents: {sorted(energy.transforms)})."
-            )
-        missing = sorted(set(energy.local) - guide_sites)
-        if missing:
-            raise ValueError(
-                f"The guide does not sample the local latent site(s) {missing} of the model "
-                f"(inside plate '{energy.plate.name}'); the warm start needs a draw for every "
-                "local latent. Global latents may be left out."
-            )
+        check_guide_sites(guide_trace, energy.transforms, energy.local,
+                          why=f" (inside plate '{energy.plate.name if energy.plate else None}'); the warm start "
+                              "needs a draw for every local latent. Global latents may be left out.")
         self.warm.check(guide_trace, energy.transforms)
 
-    def _run_chains(self, energy: ModelEnergy, start, num_steps: int, keep, move_globals: bool):
+    def _run_chains(self, energy: SplitEnergy, start, num_steps: int, keep, move_globals: bool):
         """The chains from ``start`` (:func:`pyro_lpc.chains.run`); ``move_globals=False`` holds
         the global latents at their current values."""
         local = energy.unconstrain({n: start[n] for n in energy.local})
@@ -409,7 +398,7 @@ class LPC:
             return (u_l, g_l), (u_g, dict(zip(g_g, grads)))
         return averaged
 
-    def _theta_gradients(self, energy: ModelEnergy, kept):
+    def _theta_gradients(self, energy: SplitEnergy, kept):
         """Accumulate ``∇θ -mean_k log p_θ(x, z_k)`` one sample at a time (memory flat in K).
 
         Returns ``(params, grads, mean log-joint, last trace)``; no trace from a recording.
@@ -422,10 +411,10 @@ class LPC:
             total = total + log_p / len(kept)
         return params, grads, total, trace
 
-    def _guide_gradients(self, energy: ModelEnergy, guide_trace, info: chains.ChainsInfo, args, kwargs, theta):
+    def _guide_gradients(self, energy: SplitEnergy, guide_trace, info: chains.ChainsInfo, args, kwargs, theta):
         """Gradients of the warm-start objective with respect to φ (the guide's own params).
 
-        Where the model allows (:meth:`ModelEnergy.log_joint_from_energy`), the reverse term takes
+        Where the model allows (:meth:`SplitEnergy.log_joint_from_energy`), the reverse term takes
         ``log p(x, z_0)`` and its gradient from the chains' start energies instead of
         evaluating the model again."""
         if self.warm is None:
@@ -445,7 +434,7 @@ class LPC:
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         return params, grads, loss.detach()
 
-    def _fused_gradients(self, energy: ModelEnergy, guide_trace, start, args, kwargs):
+    def _fused_gradients(self, energy: SplitEnergy, guide_trace, start, args, kwargs):
         """Without chains (K = 0), θ's and φ's gradients from one backward pass.
 
         The kept sample is the guide's draw ``z_0``, and the warm-start objective's

@@ -27,18 +27,21 @@ from typing import Dict, NamedTuple, Optional, Sequence, Union
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
 from . import langevin
 from .training import minibatches
-from .potential import ModelEnergy, find_data_plate, in_plate, is_subsample, latent_sites, plate_log_prob, sum_except
+from .potential import SplitEnergy, find_data_plate, guide_and_model_traces, in_plate, latent_sites, plate_log_prob, \
+    sum_except
+from .langevin import MALA_TARGET_ACCEPT
+from .schedule import robbins_monro
+from .warm_start import check_guide_sites, guide_sites, is_auxiliary
 
 __all__ = ["log_marginal_likelihood", "ais_schedule"]
 
 #: Points (samples × data points) evaluated in one vectorised model call by default.
 DEFAULT_POINTS_PER_CALL = 10_000
-#: Target MALA acceptance rate of the step-size adaptation in AIS (Roberts & Rosenthal 1998).
-TARGET_ACCEPT = 0.574
 #: Most chains per data point in the step-size pilot run of AIS.
 PILOT_CHAINS = 10
 
@@ -78,7 +81,7 @@ def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
         )
     outside = [
         n for n, s in model_trace.nodes.items()
-        if s["type"] == "sample" and s["is_observed"] and not is_subsample(s) and not in_plate(s, plate.name)
+        if s["type"] == "sample" and s["is_observed"] and not site_is_subsample(s) and not in_plate(s, plate.name)
     ]
     if outside:
         raise ValueError(
@@ -87,8 +90,6 @@ def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
         )
     if guide_trace is None:
         return
-    from .warm_start import guide_sites, is_auxiliary  # noqa: PLC0415 (this check's region only)
-
     guide_latents = guide_sites(guide_trace)  # an autoguide's auxiliary sites are the guide's own
     auxiliary = [n for n in latent_sites(guide_trace) if is_auxiliary(guide_trace.nodes[n])]
     if auxiliary and method == "ais":
@@ -97,14 +98,8 @@ def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
             f"the model's sites, which a guide with auxiliary site(s) {auxiliary} (an autoguide) does "
             "not allow. Use method='iwae', or guide=None to anneal from the prior."
         )
-    unknown = sorted(set(guide_latents) - set(latents))
-    missing = sorted(set(latents) - set(guide_latents))
-    if unknown or missing:
-        raise ValueError(
-            "The guide must sample exactly the model's latent sites to serve as a proposal: "
-            f"guide-only site(s) {unknown}, site(s) the guide leaves out {missing}. "
-            "Pass guide=None to propose from the prior."
-        )
+    check_guide_sites(guide_trace, latents, latents, why=": a proposal must sample every latent site. Pass "
+                      "guide=None to propose from the prior.")
     bad = [n for n in guide_latents + auxiliary if not in_plate(guide_trace.nodes[n], plate.name)]
     if bad:
         raise ValueError(
@@ -124,9 +119,7 @@ def _max_plate_nesting(*traces) -> int:
 def _prototype(model, guide, args, kwargs, data_plate, method):
     """A non-vectorised model run (on a guide draw) giving the data plate and the plate nesting."""
     with torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
-        model_fn = poutine.replay(model, trace=guide_trace) if guide is not None else model
-        model_trace = poutine.trace(model_fn).get_trace(*args, **kwargs)
+        guide_trace, model_trace = guide_and_model_traces(model, guide, args, kwargs)
     frame = find_data_plate(model_trace, data_plate)
     if frame is None:
         raise ValueError(
@@ -155,13 +148,8 @@ def _iwae_batch(model, guide, args, kwargs, num_samples, chunk, plate, nesting, 
     running = None
     for size in _chunks(num_samples, chunk):
         with torch.no_grad():
-            guide_trace = None
-            if guide is not None:
-                guide_trace = poutine.trace(_Vectorized(guide, size, nesting)).get_trace(*args, **kwargs)
-                model_fn = poutine.replay(_Vectorized(model, size, nesting), trace=guide_trace)
-            else:
-                model_fn = _Vectorized(model, size, nesting)
-            model_trace = poutine.trace(model_fn).get_trace(*args, **kwargs)
+            vguide = _Vectorized(guide, size, nesting) if guide is not None else None
+            guide_trace, model_trace = guide_and_model_traces(_Vectorized(model, size, nesting), vguide, args, kwargs)
             if running is None:
                 _check_sites(model_trace, guide_trace, plate, method)
             log_p = _plate_log_prob(model_trace, plate, particle_dim)
@@ -221,7 +209,7 @@ class _Tempered:
     on chain-first unconstrained positions ``(B, S, …)``. The terms at the last position it
     was called on are kept in ``last``, so that a temperature change needs no model call."""
 
-    def __init__(self, energy: ModelEnergy, guide, args, kwargs, plate: _Plate, particle_dim: int):
+    def __init__(self, energy: SplitEnergy, guide, args, kwargs, plate: _Plate, particle_dim: int):
         self.energy, self.guide, self.args, self.kwargs = energy, guide, args, kwargs
         self.plate, self.particle_dim = plate, particle_dim
         self.beta = 0.0
@@ -299,11 +287,9 @@ def _start(model, guide, args, kwargs, size, plate, nesting, particle_dim):
     vmodel = _Vectorized(model, size, nesting)
     vguide = _Vectorized(guide, size, nesting) if guide is not None else None
     with torch.no_grad():
-        guide_trace = poutine.trace(vguide).get_trace(*args, **kwargs) if guide is not None else None
-        model_fn = poutine.replay(vmodel, trace=guide_trace) if guide is not None else vmodel
-        prototype = poutine.trace(model_fn).get_trace(*args, **kwargs)
+        guide_trace, prototype = guide_and_model_traces(vmodel, vguide, args, kwargs)
     _check_sites(prototype, guide_trace, plate, "ais")
-    energy = ModelEnergy(vmodel, args, kwargs, prototype, data_plate=plate.name)
+    energy = SplitEnergy(vmodel, args, kwargs, prototype, data_plate=plate.name)
     start = energy.unconstrain({n: prototype.nodes[n]["value"].detach() for n in energy.local})
     return _Tempered(energy, vguide, args, kwargs, plate, particle_dim), start
 
@@ -337,10 +323,10 @@ def _anneal(start, betas, step_size, etas, adjust, bar):
         precond = langevin.Preconditioner("diagonal", {}, {}, 0, scale)
         state = langevin.LangevinState(position, tempered.potential(terms), tempered.grad(terms), precond, t - 1)
         state, info = langevin.step(state, tempered, 1.0, adjust=adjust, batch_ndim=2)
-        terms = _select_terms(info.accepted, tempered.last, terms) if adjust else tempered.last
+        terms = _select_terms(info.accepted, tempered.last, terms)  # ULA too: divergent proposals stay
         position = state.position
         if etas is None:
-            log_eta = log_eta + (info.accept_prob.mean(1) - TARGET_ACCEPT)
+            log_eta = robbins_monro(log_eta, info.accept_prob.mean(1), MALA_TARGET_ACCEPT)
         if bar is not None:
             bar.update(1)
     return log_w, used
@@ -390,7 +376,7 @@ def log_marginal_likelihood(
     the geometric path ``π_β(z) ∝ q(z|x)^{1-β} p(x, z)^β`` over ``0 = β_0 < … < β_T = 1``
     (``T = ais_steps``, :func:`ais_schedule`), in the unconstrained space of the latents
     (``u = T(z)`` with ``T = biject_to(support)``, densities including ``log|det ∂z/∂u|``, as in
-    :class:`~pyro_lpc.potential.ModelEnergy`). With ``z_0 ~ q`` and one Langevin transition
+    :class:`~pyro_lpc.potential.SplitEnergy`). With ``z_0 ~ q`` and one Langevin transition
     (:func:`pyro_lpc.langevin.step`, MALA when ``adjust=True``) leaving ``π_{β_t}`` invariant
     after each increment ``t < T``,
 

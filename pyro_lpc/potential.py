@@ -3,18 +3,23 @@ r"""From a Pyro model to the energy ``U(z) = -log p(x, z)`` in unconstrained spa
 Latent sites with a constrained support are sampled in unconstrained space
 ``u = T(z)``, exactly as Pyro's HMC does: the energy is
 ``U(u) = -log p(x, T⁻¹(u)) - log|det ∂T⁻¹(u)/∂u|``. The construction is
-Pyro's own :func:`pyro.infer.mcmc.util.initialize_model`; this module adds the
-checks that make failures readable, and :class:`ModelEnergy`, the per-data-point
-energies ``fit`` runs its chains on.
+Pyro's own :func:`pyro.infer.mcmc.util.initialize_model`. Two views of it:
+
+* :func:`joint_potential` — the whole model's energy over all its latents, one
+  chain (what ``PCLangevin`` samples), with checks that make failures readable;
+* :class:`SplitEnergy` — one mini-batch's energy *split* by the data plate into
+  one term per data point (the local chains) and the scaled global term (what
+  ``LPC`` and ``fit`` run their chains on), evaluated by a backend
+  (:class:`PyroEvaluation`, or the recorded :class:`~pyro_lpc.compiled.CompiledEnergies`).
 
 Example::
 
     >>> import pyro, pyro.distributions as dist, torch
-    >>> from pyro_lpc.potential import model_potential
+    >>> from pyro_lpc.potential import joint_potential
     >>> def model(y):
     ...     scale = pyro.sample("scale", dist.HalfNormal(1.0))
     ...     pyro.sample("y", dist.Normal(0.0, scale), obs=y)
-    >>> built = model_potential(model, (torch.tensor(0.5),))
+    >>> built = joint_potential(model, (torch.tensor(0.5),))
     >>> u = {"scale": torch.tensor(0.0)}            # log(scale) = 0, i.e. scale = 1
     >>> energy = built.potential_fn(u)              # -log p(y, scale) - log|d scale / du|
     >>> expected = -(dist.HalfNormal(1.0).log_prob(torch.tensor(1.0))
@@ -35,14 +40,16 @@ from pyro.distributions.util import scale_and_mask, sum_rightmost as _sum_rightm
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.mcmc.util import initialize_model
+from pyro.poutine.util import site_is_subsample
 
 from . import langevin
 
 Position = Dict[str, torch.Tensor]
 
 
-class ModelPotential(NamedTuple):
-    """A model's initial unconstrained point, energy function and transforms."""
+class JointPotential(NamedTuple):
+    """The whole model's energy over all its latents as one chain: initial unconstrained
+    point, energy function and transforms (Pyro's ``initialize_model``)."""
 
     initial_params: Position
     potential_fn: Callable[[Position], torch.Tensor]
@@ -50,7 +57,7 @@ class ModelPotential(NamedTuple):
     prototype_trace: poutine.Trace
 
 
-def model_potential(
+def joint_potential(
     model,
     model_args=(),
     model_kwargs=None,
@@ -61,7 +68,7 @@ def model_potential(
     max_plate_nesting: Optional[int] = None,
     jit_compile: bool = False,
     ignore_jit_warnings: bool = False,
-) -> ModelPotential:
+) -> JointPotential:
     """Build the unconstrained energy of ``model`` with :func:`initialize_model`.
 
     Raises ``ValueError`` when the model has no continuous latent site.
@@ -96,7 +103,7 @@ def model_potential(
             "The model has no continuous latent sample site to run Langevin dynamics "
             f"on (sample sites found: {observed or 'none'}; all observed or enumerated)."
         )
-    return ModelPotential(params, potential_fn, transforms, trace)
+    return JointPotential(params, potential_fn, transforms, trace)
 
 
 def constrain(params: Position, transforms: dict) -> Position:
@@ -144,17 +151,9 @@ def nonfinite_in_trace(trace: poutine.Trace) -> List[str]:
 
 
 # -- energies of one mini-batch, for the learning loop ---------------------------------
-def is_subsample(site) -> bool:
-    return site["type"] == "sample" and type(site["fn"]).__name__ == "_Subsample"
-
-
 def latent_sites(trace: poutine.Trace) -> List[str]:
     """Names of the unobserved sample sites of ``trace`` (plate subsample sites excluded)."""
-    return [
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not is_subsample(site)
-    ]
+    return [name for name in trace.stochastic_nodes if not site_is_subsample(trace.nodes[name])]
 
 
 def subsample_factor(site) -> float:
@@ -177,6 +176,14 @@ def site_log_prob(site, value: Optional[torch.Tensor] = None) -> torch.Tensor:
     return scale_and_mask(log_p, site["scale"] / subsample_factor(site), site["mask"])
 
 
+def guide_and_model_traces(model, guide, args, kwargs) -> "tuple[Optional[poutine.Trace], poutine.Trace]":
+    """The guide's trace (``None`` without a guide) and the model's, replayed on the guide's
+    draws and subsample indices (drawn from its prior without a guide)."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
+    model_fn = poutine.replay(model, trace=guide_trace) if guide_trace is not None else model
+    return guide_trace, poutine.trace(model_fn).get_trace(*args, **kwargs)
+
+
 def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
     """A trace holding only the plate subsample sites of ``trace``, for replay.
 
@@ -185,7 +192,7 @@ def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
     """
     replay = poutine.Trace()
     for name, site in trace.nodes.items():
-        if is_subsample(site):
+        if site_is_subsample(site):
             replay.add_node(name, **site)
     return replay
 
@@ -195,11 +202,11 @@ def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
     plate shared by every observed site inside a plate (an inner plate, subsampled or
     not, indexes parts of a data point: pixels, time steps). ``None`` when they share no
     plate. Observed sites outside every plate are not data points (see
-    :meth:`ModelEnergy.coupled_sites`)."""
+    :meth:`SplitEnergy.coupled_sites`)."""
     frames = {}
     shared = None  # the plates shared by the observed sites, in an observed site's order (outermost first)
     for site in trace.nodes.values():
-        if site["type"] != "sample" or is_subsample(site):
+        if site["type"] != "sample" or site_is_subsample(site):
             continue
         stack = [f for f in site["cond_indep_stack"] if f.vectorized]  # outermost first
         frames.update((f.name, f) for f in stack)
@@ -239,7 +246,7 @@ def plate_log_prob(trace: poutine.Trace, plate_name: str, dims, sites=None):
     (all, or those named in ``sites``), reduced with :func:`sum_except` to ``dims``."""
     total = 0.0
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or is_subsample(site) or not in_plate(site, plate_name):
+        if site["type"] != "sample" or site_is_subsample(site) or not in_plate(site, plate_name):
             continue
         if sites is None or name in sites:
             total = total + sum_except(site_log_prob(site), dims)
@@ -262,8 +269,10 @@ def batch_shapes(args, kwargs) -> list:
     return [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in (kwargs or {}).items()]
 
 
-class ModelEnergy:
-    r"""The energy of a Pyro model on one mini-batch, as plain functions of its latents.
+class SplitEnergy:
+    r"""The energy of a Pyro model on one mini-batch, split by the data plate into one term per
+    data point and a global term, as plain functions of its latents (:func:`joint_potential`
+    is the unsplit energy over all latents, for one chain).
 
     Latents are split by the data plate: *local* sites (inside it, one chain per
     data point) and *global* sites (outside it, one shared chain). Positions are
@@ -309,9 +318,9 @@ class ModelEnergy:
                 self.globals.append(name)
         # each sample site's Pyro scale as traced on this batch (a recording takes them as inputs)
         self.scales = {n: site["scale"] for n, site in prototype.nodes.items()
-                       if site["type"] == "sample" and not is_subsample(site)}
+                       if site["type"] == "sample" and not site_is_subsample(site)}
         # sample sites outside the data plate: global latents, observations and factors of the whole batch
-        self.outside = [n for n, site in prototype.nodes.items() if site["type"] == "sample" and not is_subsample(site)
+        self.outside = [n for n, site in prototype.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)
                         and (self.plate is None or not in_plate(site, self.plate.name))]
         self.energy_scale = self._energy_scale(prototype)
 
@@ -325,7 +334,7 @@ class ModelEnergy:
         if not all(_is_real(prototype.nodes[name]["fn"].support) for name in self.local):
             return None
         factors = {subsample_factor(site) for site in prototype.nodes.values()
-                   if site["type"] == "sample" and not is_subsample(site)}
+                   if site["type"] == "sample" and not site_is_subsample(site)}
         return factors.pop() if len(factors) == 1 else None
 
     def coupled_sites(self, values: Position) -> List[str]:
@@ -365,7 +374,7 @@ class ModelEnergy:
         """The shapes of the batch this energy is bound to (see :meth:`rebind`)."""
         return batch_shapes(self.args, self.kwargs)
 
-    def rebind(self, args, kwargs, replay: poutine.Trace) -> "ModelEnergy":
+    def rebind(self, args, kwargs, replay: poutine.Trace) -> "SplitEnergy":
         """The same model structure (sites, plate, transforms) on another batch of the
         same shapes, replaying the subsample indices in ``replay``; no model trace."""
         energy = copy.copy(self)
@@ -462,16 +471,16 @@ def param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
 
 
 class PyroEvaluation:
-    """A :class:`ModelEnergy` evaluated through Pyro: the model is traced and differentiated at
+    """A :class:`SplitEnergy` evaluated through Pyro: the model is traced and differentiated at
     every call. The backend ``LPC`` uses unless ``jit_compile`` (then
     :class:`~pyro_lpc.compiled.CompiledEnergies`, which has the same two methods)."""
 
     #: whether every evaluation traces the model afresh (and so reads its current scales)
     traces_every_call = True
 
-    def evaluation(self, energy: "ModelEnergy", global_values: Position, move_globals: bool):
+    def evaluation(self, energy: "SplitEnergy", global_values: Position, move_globals: bool):
         """``(local, global_) -> ((U_i, ∇_local), (U, ∇_global))``: with ``move_globals`` (and global
-        latents) both from one model evaluation (:meth:`ModelEnergy.joint_value_and_grad`);
+        latents) both from one model evaluation (:meth:`SplitEnergy.joint_value_and_grad`);
         otherwise the local energies with the global latents held at ``global_values`` and
         ``(None, {})`` for the global part."""
         if move_globals and energy.globals:
@@ -479,7 +488,7 @@ class PyroEvaluation:
         local_value_and_grad = langevin.value_and_grad(energy.local_energy(global_values))
         return lambda local, global_: (local_value_and_grad(local), (None, {}))
 
-    def log_joint_and_grad(self, energy: "ModelEnergy", values: Position):
+    def log_joint_and_grad(self, energy: "SplitEnergy", values: Position):
         """Scaled ``log p_θ(x, z)`` at constrained ``values`` (detached), the model's parameters
         ``θ`` by name, their gradients (``None`` where unused) and the trace."""
         log_p, trace = energy.log_joint(values)

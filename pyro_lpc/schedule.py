@@ -134,6 +134,12 @@ def steps_schedule(num_steps):
     return FixedSteps(num_steps)
 
 
+def robbins_monro(log_step_size, accept_prob, target: float, gain: float = 1.0):
+    """One constant-gain Robbins–Monro move of a log step size towards an acceptance target:
+    ``log η + gain (ā − target)`` (floats or tensors, e.g. one η per data point in AIS)."""
+    return log_step_size + gain * (accept_prob - target)
+
+
 class StepSizeAdaptation:
     """``log η ← log η + gain (ā − target)`` after each iteration (module docstring).
 
@@ -161,7 +167,7 @@ class StepSizeAdaptation:
     def update(self, accept_prob: float) -> float:
         """Take the mean acceptance probability of the chains just run; returns the next η."""
         if math.isfinite(accept_prob):
-            moved = self.log_step_size + self.gain * (accept_prob - self.target)
+            moved = robbins_monro(self.log_step_size, accept_prob, self.target, self.gain)
             self.log_step_size = min(max(moved, self.bounds[0]), self.bounds[1])
         return self.step_size
 

@@ -105,7 +105,7 @@ class WarmStart:
         depend on earlier ones. A guide with auxiliary sites (an autoguide) is
         conditioned on its auxiliary sites instead, packed from the samples'
         unconstrained values ``transforms[name](z)`` (:func:`auxiliary_sites`;
-        ``transforms`` as :attr:`ModelEnergy.transforms <pyro_lpc.potential.ModelEnergy>`).
+        ``transforms`` as :attr:`SplitEnergy.transforms <pyro_lpc.potential.SplitEnergy>`).
         """
         sites = guide_sites(guide_trace)
         packed = auxiliary_sites(guide_trace, transforms)
@@ -176,6 +176,20 @@ def guide_sites(trace: poutine.Trace) -> List[str]:
 def guide_values(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
     """The values a guide trace gives the model's latent sites (:func:`guide_sites`)."""
     return {name: trace.nodes[name]["value"] for name in guide_sites(trace)}
+
+
+def check_guide_sites(trace: poutine.Trace, latents, required=(), why: str = "", who: str = "The guide") -> None:
+    """Raise a ``ValueError`` when a guide trace samples sites that are not among the model's
+    ``latents`` (auxiliary sites aside), or leaves out a ``required`` latent (``why`` says why
+    it is required)."""
+    drawn = set(guide_sites(trace))
+    unknown = sorted(drawn - set(latents))
+    if unknown:
+        raise ValueError(f"{who} samples site(s) {unknown} that are not latent sites of the model "
+                         f"(model latents: {sorted(latents)}).")
+    missing = sorted(set(required) - drawn)
+    if missing:
+        raise ValueError(f"{who} does not sample the latent site(s) {missing} of the model{why}")
 
 
 def _is_point_mass(fn) -> bool:

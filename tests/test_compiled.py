@@ -8,7 +8,7 @@ import torch
 
 from pyro_lpc import fit, langevin
 from pyro_lpc.compiled import MANY_RECORDINGS, CompiledEnergies
-from pyro_lpc.potential import ModelEnergy
+from pyro_lpc.potential import SplitEnergy
 
 N = 40
 decoder = torch.nn.Linear(2, 3)
@@ -26,7 +26,7 @@ def model(x):
 def energy_for(x, seed):
     pyro.set_rng_seed(seed)
     prototype = poutine.trace(model).get_trace(x)
-    energy = ModelEnergy(model, (x,), {}, prototype)
+    energy = SplitEnergy(model, (x,), {}, prototype)
     position = energy.unconstrain({n: prototype.nodes[n]["value"].detach() for n in energy.local})
     return energy, position
 
@@ -63,7 +63,7 @@ def test_the_recorded_theta_gradient_equals_pyros_and_leaves_unused_parameters_o
         x = torch.randn(N, 3, generator=gen)
         pyro.set_rng_seed(batch)
         prototype = poutine.trace(with_unused).get_trace(x)
-        energy = ModelEnergy(with_unused, (x,), {}, prototype)
+        energy = SplitEnergy(with_unused, (x,), {}, prototype)
         values = {n: prototype.nodes[n]["value"].detach() for n in ("z", "rate")}
         log_p, trace = energy.log_joint(values)
         names = [n for n, site in trace.nodes.items() if site["type"] == "param"]
@@ -131,7 +131,7 @@ def test_tensors_inside_container_arguments_are_inputs_and_changing_scalars_warn
 
     def check(offset):
         args = ({"x": [torch.randn(10, generator=gen)]}, offset)  # new data inside a dict and a list
-        energy = ModelEnergy(listed, args, {}, poutine.trace(listed).get_trace(*args))
+        energy = SplitEnergy(listed, args, {}, poutine.trace(listed).get_trace(*args))
         position = {"z": torch.randn(10, generator=gen)}
         u_ref, g_ref = langevin.value_and_grad(energy.local_energy({}))(position)
         (u_rec, g_rec), _ = compiled.evaluation(energy, {}, move_globals=False)(position, {})
@@ -164,7 +164,7 @@ def test_a_scale_read_from_python_state_is_an_input_of_the_recording(options):
     for beta in (0.1, 1.0, 0.37):
         annealing["beta"] = beta
         prototype = poutine.trace(annealed).get_trace(x)
-        energy = ModelEnergy(annealed, (x,), {}, prototype)
+        energy = SplitEnergy(annealed, (x,), {}, prototype)
         position = {"z": prototype.nodes["z"]["value"].detach()}
         u_ref, g_ref = langevin.value_and_grad(energy.local_energy({}))(position)
         (u_rec, g_rec), _ = compiled.evaluation(energy, {}, move_globals=False)(position, {})

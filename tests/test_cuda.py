@@ -12,7 +12,7 @@ from pyro.infer import MCMC
 from pyro_lpc import PCLangevin, WarmStart, fit, langevin
 from pyro_lpc.compiled import CompiledEnergies
 from pyro_lpc.images.models import mlp_model
-from pyro_lpc.potential import ModelEnergy
+from pyro_lpc.potential import SplitEnergy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -78,7 +78,7 @@ def test_recorded_energy_and_gradient_on_the_device(options):
     for batch in range(3):  # new data each batch, parameters moved in place in between
         x = (torch.rand(64, 1, 8, 8, device=CUDA) < 0.3).float()
         prototype = poutine.trace(dlgm.model).get_trace(x)
-        energy = ModelEnergy(dlgm.model, (x,), {}, prototype)
+        energy = SplitEnergy(dlgm.model, (x,), {}, prototype)
         positions = [{"z": torch.randn(64, 4, device=CUDA)} for _ in range(2)]
         references = [langevin.value_and_grad(energy.local_energy({}))(p) for p in positions]
         # both results are read after the second call (a CUDA graph replay reuses its output memory)

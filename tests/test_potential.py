@@ -1,4 +1,4 @@
-"""``ModelEnergy``: per-data-point energies of a Pyro model, checked by hand."""
+"""``SplitEnergy``: per-data-point energies of a Pyro model, checked by hand."""
 import math
 
 import pyro
@@ -10,7 +10,7 @@ import pytest
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 
 from pyro_lpc import fit, langevin
-from pyro_lpc.potential import ModelEnergy, batch_shapes, find_data_plate
+from pyro_lpc.potential import SplitEnergy, batch_shapes, find_data_plate
 
 B, F = 5, 3
 
@@ -31,7 +31,7 @@ def energy_and_values():
     values = {"g": torch.tensor(0.3), "z": torch.randn(B, 1), "s": torch.rand(B, 1) + 0.5}
     # latent sites keep their values but stay latent (conditioning would make them observed)
     trace = poutine.trace(InitMessenger(init_to_value(values=values))(nested_model)).get_trace(x)
-    return x, values, ModelEnergy(nested_model, (x,), {}, trace)
+    return x, values, SplitEnergy(nested_model, (x,), {}, trace)
 
 
 def test_local_and_global_sites_and_the_data_plate():
@@ -82,7 +82,7 @@ def test_log_joint_from_the_chains_start_energy_equals_the_models_value_and_guid
     x = torch.randn(F, 40, generator=torch.Generator().manual_seed(3))
     pyro.set_rng_seed(0)
     prototype = poutine.trace(subsampled_model).get_trace(x)
-    energy = ModelEnergy(subsampled_model, (x,), {}, prototype)
+    energy = SplitEnergy(subsampled_model, (x,), {}, prototype)
     assert energy.chain_axis == {"z": 1} and energy.energy_scale == 40 / B
     loc = torch.randn(2, B, requires_grad=True)  # a guide's parameter, reaching z through its draw
     values = {"z": loc + 0.3 * torch.randn(2, B)}
@@ -106,7 +106,7 @@ def test_log_joint_from_energy_is_refused_where_it_would_be_inexact():
         pyro.sample("total", dist.Normal(z.sum(), 1.0), obs=torch.tensor(0.0))
 
     x = torch.randn(B)
-    assert ModelEnergy(outside, (x,), {}, poutine.trace(outside).get_trace(x)).energy_scale is None
+    assert SplitEnergy(outside, (x,), {}, poutine.trace(outside).get_trace(x)).energy_scale is None
 
 
 def test_batches_share_a_model_structure_only_with_equal_shapes_and_scalar_arguments():
@@ -127,7 +127,7 @@ def test_a_tensor_scale_or_a_plain_bool_mask():
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     trace = poutine.trace(scaled).get_trace(x)
-    energy = ModelEnergy(scaled, (x,), {}, trace)
+    energy = SplitEnergy(scaled, (x,), {}, trace)
     assert energy.energy_scale == 1.0
     z = {"z": trace.nodes["z"]["value"]}
     assert torch.allclose(-energy.local_energy({})(z).sum(), energy.log_joint(z)[0])
@@ -138,7 +138,7 @@ def test_a_tensor_scale_or_a_plain_bool_mask():
             with poutine.mask(mask=False):
                 pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
-    energy = ModelEnergy(masked, (x,), {}, poutine.trace(masked).get_trace(x))
+    energy = SplitEnergy(masked, (x,), {}, poutine.trace(masked).get_trace(x))
     z = torch.randn(B)
     assert torch.allclose(energy.local_energy({})({"z": z}), -dist.Normal(0.0, 1.0).log_prob(z))
 
@@ -157,7 +157,7 @@ def test_per_point_energy_keeps_user_scales_and_masks_and_divides_out_only_subsa
                 pyro.sample("x", dist.Normal(z, 1.0).mask(mask[i][:, j].T), obs=x[i][:, j].T)
 
     trace = poutine.trace(model).get_trace(x, mask)
-    energy = ModelEnergy(model, (x, mask), {}, trace)
+    energy = SplitEnergy(model, (x, mask), {}, trace)
     assert energy.plate.name == "data" and energy.local == ["z"]
     i, j = trace.nodes["data"]["value"], trace.nodes["pixels"]["value"]
     z = trace.nodes["z"]["value"]
@@ -208,7 +208,7 @@ def test_the_data_plate_is_the_outermost_plate_shared_by_the_observed_sites():
     trace = poutine.trace(pixel_subsampled_model).get_trace(x)
     assert find_data_plate(trace).name == "data"  # not the inner subsampled 'pixels' plate (the old rule)
     assert find_data_plate(trace, "pixels").name == "pixels"  # data_plate= overrides
-    energy = ModelEnergy(pixel_subsampled_model, (x,), {}, trace)
+    energy = SplitEnergy(pixel_subsampled_model, (x,), {}, trace)
     assert energy.local == ["z"] and energy.globals == []
 
 
@@ -249,7 +249,7 @@ def test_a_site_outside_the_data_plate_that_reads_local_latents_is_refused_by_na
     x = torch.randn(8)
     trace = poutine.trace(model).get_trace(x)
     values = {n: trace.nodes[n]["value"] for n in ("z", "mu") if n in trace.nodes}
-    assert ModelEnergy(model, (x,), {}, trace).coupled_sites(values) == [site]
+    assert SplitEnergy(model, (x,), {}, trace).coupled_sites(values) == [site]
     with pytest.raises(ValueError, match=f"\\['{site}'\\] lie outside the data plate 'data'.*couple the data points"):
         fit(model, None, x, batch_size=8, num_steps=2, progress=False, seed=0)
 
@@ -264,7 +264,7 @@ def test_sites_outside_the_data_plate_that_read_no_local_latent_are_accepted():
 
     x = torch.randn(8)
     trace = poutine.trace(model).get_trace(x)
-    energy = ModelEnergy(model, (x,), {}, trace)
+    energy = SplitEnergy(model, (x,), {}, trace)
     assert energy.outside == ["mu", "y"]
     assert energy.coupled_sites({n: trace.nodes[n]["value"] for n in ("z", "mu")}) == []
     assert len(fit(model, None, x, batch_size=8, num_steps=2, progress=False, seed=0).history) == 1

@@ -18,7 +18,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_lpc import PCLangevin, WarmStart, fit
 from pyro_lpc.marginal_likelihood import log_marginal_likelihood
-from pyro_lpc.potential import model_potential
+from pyro_lpc.potential import joint_potential
 
 N = 6
 X = torch.tensor([2.1, 3.4, 1.2, 4.0, 2.8, 3.3])
@@ -96,7 +96,7 @@ def test_forward_loss_through_an_autoguide_is_minus_log_q_by_hand(kind):
     guide = make_guide(kind)
     warm = WarmStart(guide, "forward")
     trace = warm.draw((X,), {})
-    transforms = model_potential(model, (X,)).transforms
+    transforms = joint_potential(model, (X,)).transforms
     sample = {"mu": torch.tensor(2.5), "sigma": torch.tensor(0.8), "z": X + 0.3}
     loss = warm.forward_loss(trace, [sample], (X,), {}, transforms)
     expected = -hand_log_q(kind, guide, sample)
