@@ -1,8 +1,8 @@
 """Pyro's own amortised-inference training, for like-for-like comparisons with LPC.
 
-``fit_svi`` trains the *same* model and guide as :func:`pyro_lpc.fit` with
-``pyro.infer.SVI``: the VAE objective (``Trace_ELBO``, Kingma & Welling 2014)
-or the IWAE bound (``RenyiELBO(alpha=0)`` with k particles, Burda et al. 2016),
+`fit_svi` trains the *same* model and guide as [`pyro_lpc.fit`][pyro_lpc.fit.fit] with
+`pyro.infer.SVI`: the VAE objective (`Trace_ELBO`, Kingma & Welling 2014)
+or the IWAE bound (`RenyiELBO(alpha=0)` with k particles, Burda et al. 2016),
 and records the same kind of history and checkpoints.
 """
 from __future__ import annotations
@@ -39,21 +39,21 @@ def fit_svi(
     max_plate_nesting: int = 1,
     batch_args=None,
 ) -> FitResult:
-    r"""Train ``model`` and ``guide`` jointly with ``pyro.infer.SVI``.
+    r"""Train `model` and `guide` jointly with `pyro.infer.SVI`.
 
-    ``objective="elbo"``: :math:`E_q[\log p(x,z) - \log q(z|x)]` (one particle);
-    ``"iwae"``: :math:`E[\log \frac1k \sum_j p(x,z_j)/q(z_j|x)]` with
-    ``num_particles`` = k (vectorised over particles, so the model must be
-    vectorisable with ``max_plate_nesting`` plates). History rows hold ``epoch``,
-    ``iteration``, ``elbo`` and ``time``. ``elbo`` is ``-loss / N``, N the data
+    `objective="elbo"`: $E_q[\log p(x,z) - \log q(z|x)]$ (one particle);
+    `"iwae"`: $E[\log \frac1k \sum_j p(x,z_j)/q(z_j|x)]$ with
+    `num_particles` = k (vectorised over particles, so the model must be
+    vectorisable with `max_plate_nesting` plates). History rows hold `epoch`,
+    `iteration`, `elbo` and `time`. `elbo` is `-loss / N`, N the data
     plate's full size: Pyro scales a subsampled plate's terms by N/B, so this
-    estimates the full-data objective per data point, as ``fit``'s ``log_joint``
+    estimates the full-data objective per data point, as `fit`'s `log_joint`
     (N is read from one trace of model and guide per distinct batch shape).
-    ``data``, ``batch_args`` and the checkpoint arguments are as for
-    :func:`pyro_lpc.fit`.
+    `data`, `batch_args` and the checkpoint arguments are as for
+    [`pyro_lpc.fit`][pyro_lpc.fit.fit].
 
-    Example::
-
+    Example:
+        ```python
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro_lpc.baselines import fit_svi
         >>> def model(x):
@@ -69,6 +69,8 @@ def fit_svi(
         ...                  progress=False, seed=0)
         >>> len(result["elbo"])
         3
+
+        ```
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Unknown SVI objective {objective!r}; choose one of {list(OBJECTIVES)}.")

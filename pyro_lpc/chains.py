@@ -1,39 +1,42 @@
 r"""One mini-batch's Langevin chains: the loop shared by local-only and local + global latents.
 
 Local latents (inside the data plate) get one chain per data point, started at
-``z_0`` (the guide's draw or the prior's); global latents, if they move, one
-chain shared by the batch, carried across mini-batches in :class:`SamplerState`.
-Each step proposes (:func:`pyro_lpc.langevin.propose`) for both, evaluates the
+`z_0` (the guide's draw or the prior's); global latents, if they move, one
+chain shared by the batch, carried across mini-batches in [`SamplerState`][pyro_lpc.chains.SamplerState].
+Each step proposes ([`pyro_lpc.langevin.propose`][pyro_lpc.langevin.propose]) for both, evaluates the
 energy once at the joint proposal and then
 
-* a local chain moves if its MALA test accepts (``adjust=True``; only without
+* a local chain moves if its MALA test accepts (`adjust=True`; only without
   moving globals, whose mini-batch energy admits no exact test) or, unadjusted,
   if its energy and gradient are finite;
-* the global chain (plain SGLD, ``P = 1``) moves if the global energy and
+* the global chain (plain SGLD, `P = 1`) moves if the global energy and
   gradient are finite — otherwise the whole step is rejected. The global energy
   sums every data point's terms, so while global latents move one local chain's
   non-finite proposal rejects every chain's step.
 
-Rejected non-finite proposals are *divergences*. ``accept`` records the local
+Rejected non-finite proposals are *divergences*. `accept` records the local
 chains' MALA acceptance probability at every step (under ULA a diagnostic of
-the discretisation error, and what ``target_accept`` adapts η to; with moving
+the discretisation error, and what `target_accept` adapts η to; with moving
 globals the energies are those at the moved global values — the global step, of
-order ``η/N``, changes them little). See docs: Concepts, "Local and global latents".
+order `η/N`, changes them little). See docs: Concepts, "Local and global latents".
 
-Example: 200 chains of a standard normal, one per data point::
+Example: 200 chains of a standard normal, one per data point:
 
-    >>> import torch
-    >>> from pyro_lpc import chains
-    >>> def evaluate(local, global_):      # (U_i, ∇U_i) per chain; no global latents
-    ...     z = local["z"]
-    ...     return (0.5 * z.square().sum(-1), {"z": z}), (None, {})
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
-    >>> settings = chains.ChainSettings(num_steps=300, step_size=0.5, adjust=True, precondition=None,
-    ...                                 kept={300})
-    >>> info, state = chains.run(evaluate, {"z": torch.zeros(200, 1)}, chains.SamplerState(), settings)
-    >>> round(info.kept[0]["z"].var().item(), 1)
-    1.0
+```python
+>>> import torch
+>>> from pyro_lpc import chains
+>>> def evaluate(local, global_):      # (U_i, ∇U_i) per chain; no global latents
+...     z = local["z"]
+...     return (0.5 * z.square().sum(-1), {"z": z}), (None, {})
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> settings = chains.ChainSettings(num_steps=300, step_size=0.5, adjust=True, precondition=None,
+...                                 kept={300})
+>>> info, state = chains.run(evaluate, {"z": torch.zeros(200, 1)}, chains.SamplerState(), settings)
+>>> round(info.kept[0]["z"].var().item(), 1)
+1.0
+
+```
 """
 from __future__ import annotations
 
@@ -53,14 +56,15 @@ JointEvaluation = Callable[[Position, Position], Tuple[Tuple[torch.Tensor, Posit
 class SamplerState(NamedTuple):
     """What the sampler carries from one mini-batch to the next.
 
-    :ivar local_precond: the local chains' shared diagonal preconditioner
-        (``"diagonal"``: one running second moment per latent coordinate, averaged
-        over chains, steps and mini-batches); ``None`` before the first chain or
-        for the other kinds (their statistics start afresh with each chain).
-    :ivar global_position: the global chain's unconstrained position (``None``
-        before the first mini-batch and for models without global latents).
-    :ivar global_values: the same, constrained: the values the local chains
-        condition on (``{}`` without global latents).
+    Attributes:
+        local_precond: the local chains' shared diagonal preconditioner
+            (`"diagonal"`: one running second moment per latent coordinate, averaged
+            over chains, steps and mini-batches); `None` before the first chain or
+            for the other kinds (their statistics start afresh with each chain).
+        global_position: the global chain's unconstrained position (`None`
+            before the first mini-batch and for models without global latents).
+        global_values: the same, constrained: the values the local chains
+            condition on (`{}` without global latents).
     """
 
     local_precond: Optional[Preconditioner] = None
@@ -71,12 +75,13 @@ class SamplerState(NamedTuple):
 class ChainSettings(NamedTuple):
     """How one mini-batch's chains run.
 
-    :ivar num_steps: K, Langevin steps.
-    :ivar step_size: η of the local chains.
-    :ivar adjust: Metropolis-adjust the local chains (MALA); not with moving globals.
-    :ivar precondition: the local chains' preconditioner kind (:mod:`pyro_lpc.langevin`).
-    :ivar kept: the steps ``k`` (1..K) whose samples are returned.
-    :ivar global_step_size: η of the global chain (plain SGLD).
+    Attributes:
+        num_steps: K, Langevin steps.
+        step_size: η of the local chains.
+        adjust: Metropolis-adjust the local chains (MALA); not with moving globals.
+        precondition: the local chains' preconditioner kind ([`pyro_lpc.langevin`][pyro_lpc.langevin]).
+        kept: the steps `k` (1..K) whose samples are returned.
+        global_step_size: η of the global chain (plain SGLD).
     """
 
     num_steps: int
@@ -90,13 +95,14 @@ class ChainSettings(NamedTuple):
 class ChainsInfo(NamedTuple):
     """What one mini-batch's chains report.
 
-    :ivar kept: the kept samples, constrained values of every latent site (local
-        and global), one dict per kept step.
-    :ivar accept: per step, the local chains' mean MALA acceptance probability ``(K,)``.
-    :ivar diverged: per step, whether any proposal was rejected as non-finite ``(K,)``.
-    :ivar energy_drop: mean ``U_i(z_0) - U_i(z_K)`` over the local chains (nats per data point).
-    :ivar late_drop: mean ``U_i(z_{K//2}) - U_i(z_K)``, what :class:`~pyro_lpc.schedule.AdaptiveSteps` reads.
-    :ivar start: ``(U_i, ∇U)`` at the chains' start (the guide's draws), for the reverse-KL term.
+    Attributes:
+        kept: the kept samples, constrained values of every latent site (local
+            and global), one dict per kept step.
+        accept: per step, the local chains' mean MALA acceptance probability `(K,)`.
+        diverged: per step, whether any proposal was rejected as non-finite `(K,)`.
+        energy_drop: mean `U_i(z_0) - U_i(z_K)` over the local chains (nats per data point).
+        late_drop: mean `U_i(z_{K//2}) - U_i(z_K)`, what [`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps] reads.
+        start: `(U_i, ∇U)` at the chains' start (the guide's draws), for the reverse-KL term.
     """
 
     kept: List[dict]
@@ -110,13 +116,13 @@ class ChainsInfo(NamedTuple):
 def run(evaluate: JointEvaluation, local: Position, state: SamplerState, settings: ChainSettings, *,
         constrain: Callable[[Position], dict] = dict, generator: Optional[torch.Generator] = None,
         group=None) -> Tuple[ChainsInfo, SamplerState]:
-    """Run K steps from the unconstrained ``local`` starts (chain dimension first) and, when
-    ``state.global_position`` is given, of the global chain; return what they report and the
+    """Run K steps from the unconstrained `local` starts (chain dimension first) and, when
+    `state.global_position` is given, of the global chain; return what they report and the
     sampler state to carry on.
 
-    ``evaluate`` is the energy (:data:`JointEvaluation`), ``constrain`` maps unconstrained
-    positions to site values, ``generator`` draws the global chain's noise (alike on every
-    rank) and ``group`` (:mod:`pyro_lpc.distributed`) averages the shared diagonal's
+    `evaluate` is the energy (`JointEvaluation`), `constrain` maps unconstrained
+    positions to site values, `generator` draws the global chain's noise (alike on every
+    rank) and `group` ([`pyro_lpc.distributed`][pyro_lpc.distributed]) averages the shared diagonal's
     statistics over ranks.
     """
     group = group or SingleProcess()
@@ -173,7 +179,7 @@ def _stack(values: list, dtype) -> torch.Tensor:
 
 
 def _preconditioner(kind: Optional[str], local: Position, state: SamplerState) -> Preconditioner:
-    """The local chains' preconditioner: the shared diagonal carried in ``state`` (fresh the
+    """The local chains' preconditioner: the shared diagonal carried in `state` (fresh the
     first time), or fresh per-chain statistics for the other kinds."""
     if kind == "diagonal" and state.local_precond is not None:
         return state.local_precond
@@ -190,13 +196,13 @@ def _accumulate(precond: Preconditioner, state: langevin.LangevinState) -> Preco
 
 def _refresh(precond: Preconditioner, group) -> Preconditioner:
     """The shared diagonal takes up its new statistics, averaged over ranks (every rank then
-    samples with the same ``P``)."""
+    samples with the same `P`)."""
     return langevin.refresh(precond._replace(second_moment=group.average_dict(precond.second_moment)))
 
 
 def _finite_start(evaluate: JointEvaluation, local: Position, global_: Position, group):
     """The start, its energies, and whether it was redrawn: every non-finite part is redrawn
-    once as Pyro's ``init_to_uniform`` does (unconstrained values uniform in (-2, 2)), first
+    once as Pyro's `init_to_uniform` does (unconstrained values uniform in (-2, 2)), first
     the local chains whose own energy or gradient is not finite (a Gamma draw that underflowed
     to 0, say), then the global position if the global energy still is not. Decided alike on
     every rank (each evaluation averages over ranks)."""
@@ -214,5 +220,5 @@ def _finite_start(evaluate: JointEvaluation, local: Position, global_: Position,
 
 
 def _uniform(like: torch.Tensor) -> torch.Tensor:
-    """Unconstrained values uniform in (-2, 2), Pyro's ``init_to_uniform``."""
+    """Unconstrained values uniform in (-2, 2), Pyro's `init_to_uniform`."""
     return torch.rand_like(like).mul_(4.0).sub_(2.0)

@@ -3,8 +3,8 @@
 A checkpoint is written to a temporary file in the same folder and renamed
 over the previous one, so a crash mid-write leaves the last checkpoint intact.
 Loading copies parameter values *in place* into the live param store (after
-running model and guide once so every ``pyro.module`` has registered its
-parameters), so the user's ``nn.Module`` objects see the restored values, and
+running model and guide once so every `pyro.module` has registered its
+parameters), so the user's `nn.Module` objects see the restored values, and
 restores the RNG states last: the resumed run continues bit for bit.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def restore_rng(state: dict) -> None:
 
 def save_checkpoint(path: str, *, epoch: int, elapsed: float, optims: Dict[str, "pyro.optim.PyroOptim"],
                     history: list, **extra) -> None:
-    """Write the param store, optimiser and RNG states, history and ``extra`` atomically."""
+    """Write the param store, optimiser and RNG states, history and `extra` atomically."""
     state = {
         "epoch": epoch,
         "elapsed": elapsed,
@@ -69,7 +69,7 @@ def save_checkpoint(path: str, *, epoch: int, elapsed: float, optims: Dict[str, 
 
 
 def checkpoint_path(checkpoint_dir: str) -> str:
-    """The checkpoint file in ``checkpoint_dir``, checked before training: a ``ValueError``
+    """The checkpoint file in `checkpoint_dir`, checked before training: a `ValueError`
     when the folder (or a folder above it) exists but is not a directory. Creates nothing."""
     folder = os.path.abspath(checkpoint_dir)
     existing = folder
@@ -86,7 +86,7 @@ def checkpoint_path(checkpoint_dir: str) -> str:
 
 
 def read_checkpoint(path: str) -> dict:
-    """Read a checkpoint, or raise a ``ValueError`` saying it is unreadable (nothing is changed)."""
+    """Read a checkpoint, or raise a `ValueError` saying it is unreadable (nothing is changed)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         checkpoint["epoch"], checkpoint["params"]["params"], checkpoint["optims"]
@@ -99,7 +99,7 @@ def read_checkpoint(path: str) -> dict:
 
 
 def to_device(obj, device):
-    """``obj`` (tensors in dicts, lists, tuples and named tuples) with every tensor on ``device``."""
+    """`obj` (tensors in dicts, lists, tuples and named tuples) with every tensor on `device`."""
     if torch.is_tensor(obj):
         return obj.to(device)
     if isinstance(obj, dict):
@@ -112,8 +112,8 @@ def to_device(obj, device):
 
 
 def register_params(model, guide, args, kwargs) -> poutine.Trace:
-    """Run ``guide`` and ``model`` once on a batch so that every ``pyro.param`` and
-    ``pyro.module`` is in the param store, leaving the random streams untouched.
+    """Run `guide` and `model` once on a batch so that every `pyro.param` and
+    `pyro.module` is in the param store, leaving the random streams untouched.
     Returns the model's trace (replayed on the guide's draws)."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=devices):
@@ -121,9 +121,9 @@ def register_params(model, guide, args, kwargs) -> poutine.Trace:
 
 
 def load_checkpoint(path: str, model, guide, args, kwargs, optims: Dict[str, "pyro.optim.PyroOptim"]) -> dict:
-    """Restore a checkpoint into the live param store, ``optims`` and the RNGs.
+    """Restore a checkpoint into the live param store, `optims` and the RNGs.
 
-    ``args``/``kwargs`` are one batch on which model and guide are run once to
+    `args`/`kwargs` are one batch on which model and guide are run once to
     register their parameters. Returns the checkpoint dict (epoch, history, ...),
     its other tensors moved to the device of the model's parameters.
     """

@@ -2,9 +2,9 @@ r"""The chains' energy and its gradient, and θ's log-joint gradient, as recorde
 
 Inside a chain the model's structure does not change from step to step, yet
 evaluating it through Pyro re-runs the Python model under its effect handlers,
-and autograd rebuilds its graph, at every step. :class:`CompiledEnergies`
-records ``u -> (U_i(u), ∇_u Σ_i U_i(u))`` once per batch *shape* with
-:func:`torch.fx.experimental.proxy_tensor.make_fx` — the forward pass *and* the
+and autograd rebuilds its graph, at every step. [`CompiledEnergies`][pyro_lpc.compiled.CompiledEnergies]
+records `u -> (U_i(u), ∇_u Σ_i U_i(u))` once per batch *shape* with
+`torch.fx.experimental.proxy_tensor.make_fx` — the forward pass *and* the
 backward pass, as a flat graph of tensor operations — and afterwards runs that
 graph directly. Everything that changes between calls is an input of the
 recording: the chain positions, the global latents' values, the batch's tensors,
@@ -13,15 +13,15 @@ unconstrained tensors, which the optimiser updates in place). So one recording
 serves every batch of that shape. So are the sample sites' scales, as traced on
 the batch: a scale read from Python state (an annealed β-VAE weight) changes the
 recording's result, not the recording. θ's gradient at the kept samples,
-``∇θ log p_θ(x, z_k)``, is recorded the same way
-(:meth:`CompiledEnergies.log_joint_and_grad`).
+`∇θ log p_θ(x, z_k)`, is recorded the same way
+([`CompiledEnergies.log_joint_and_grad`][pyro_lpc.compiled.CompiledEnergies.log_joint_and_grad]).
 
-Optionally the recording is compiled with :func:`torch.compile` (``options``,
-e.g. ``{}`` for Inductor's defaults, which fuses the elementwise work of the
+Optionally the recording is compiled with `torch.compile` (`options`,
+e.g. `{}` for Inductor's defaults, which fuses the elementwise work of the
 likelihood, the prior and the backward pass into a few vectorised loops, or
-``{"mode": "reduce-overhead"}`` to replay it as a CUDA graph on a GPU).
+`{"mode": "reduce-overhead"}` to replay it as a CUDA graph on a GPU).
 
-Assumptions (as for Pyro's ``JitTrace_ELBO``): the model's control flow depends
+Assumptions (as for Pyro's `JitTrace_ELBO`): the model's control flow depends
 on tensor *shapes* only, never on tensor values; it creates all its parameters
 on the first call; tensors it holds other than its parameters (buffers,
 constants) are read as they were when recorded.
@@ -46,16 +46,17 @@ MANY_RECORDINGS = 8
 
 
 class CompiledEnergies(PyroEvaluation):
-    """A :class:`~pyro_lpc.potential.SplitEnergy` evaluated by recordings: the same two methods
-    as :class:`~pyro_lpc.potential.PyroEvaluation` (the backend through Pyro), with the local
+    """A [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] evaluated by recordings: the same two methods
+    as [`PyroEvaluation`][pyro_lpc.potential.PyroEvaluation] (the backend through Pyro), with the local
     chains' value-and-gradient and θ's gradient recorded once per batch shape. While global
     latents move with the local chains their joint evaluation goes through Pyro.
 
-    :param options: ``None`` to run the recording as is, or keyword arguments of
-        :func:`torch.compile` to compile it (once per batch shape).
+    Args:
+        options: `None` to run the recording as is, or keyword arguments of
+            `torch.compile` to compile it (once per batch shape).
 
-    Example::
-
+    Example:
+        ```python
         >>> import pyro, pyro.distributions as dist, pyro.poutine as poutine, torch
         >>> from pyro_lpc import langevin
         >>> from pyro_lpc.potential import SplitEnergy
@@ -72,6 +73,8 @@ class CompiledEnergies(PyroEvaluation):
         >>> ref_value, ref_grad = langevin.value_and_grad(energy.local_energy({}))(u)
         >>> bool(torch.allclose(value, ref_value) and torch.allclose(grad["z"], ref_grad["z"]))
         True
+
+        ```
     """
 
     traces_every_call = False  # the sites' scales are inputs, read from each batch's prototype trace
@@ -84,7 +87,8 @@ class CompiledEnergies(PyroEvaluation):
         self.recorded: Dict[tuple, Union[Callable, Tuple[Callable, List[bool]]]] = {}
 
     def evaluation(self, energy: SplitEnergy, global_values: Position, move_globals: bool):
-        """As :meth:`PyroEvaluation.evaluation`; the local energies recorded (on first use)."""
+        """As [`PyroEvaluation.evaluation`][pyro_lpc.potential.PyroEvaluation.evaluation]; the local energies
+        recorded (on first use)."""
         if move_globals and energy.globals:
             return super().evaluation(energy, global_values, move_globals)
         local, globals_ = list(energy.local), list(global_values)
@@ -110,11 +114,11 @@ class CompiledEnergies(PyroEvaluation):
         return evaluate
 
     def log_joint_and_grad(self, energy: SplitEnergy, values: Position):
-        """Scaled ``log p_θ(x, z)`` at constrained ``values`` and its gradient with respect to
-        the model's parameters ``θ`` — what :meth:`SplitEnergy.log_joint` and a backward pass
-        give. Returns ``(log_p, params, grads, None)``: ``params`` the param store's unconstrained
-        tensors by name, ``grads`` their gradients (``None`` for a parameter the log-joint
-        does not use); no trace."""
+        """Scaled `log p_θ(x, z)` at constrained `values` and its gradient with respect to
+        the model's parameters `θ` — what [`SplitEnergy.log_joint`][pyro_lpc.potential.SplitEnergy.log_joint]
+        and a backward pass give. Returns `(log_p, params, grads, None)`: `params` the param store's
+        unconstrained tensors by name, `grads` their gradients (`None` for a parameter the log-joint does not
+        use); no trace."""
         sites = sorted(values)
         others, param_names = _inputs(energy, [values[name] for name in sites])
         key = ("theta", tuple(sites), tuple(param_names), tuple(sorted(energy.scales)), repr(energy.shapes),
@@ -142,7 +146,7 @@ class CompiledEnergies(PyroEvaluation):
         return log_p, dict(zip(param_names, params)), [next(found) if u else None for u in used], None
 
     def _record(self, function, inputs: List[torch.Tensor]):
-        """``function`` (forward and backward) as one graph; its inputs — the batch and the
+        """`function` (forward and backward) as one graph; its inputs — the batch and the
         parameters as these very tensors — become placeholders rather than constants."""
         if len(self.recorded) == MANY_RECORDINGS:
             warnings.warn(
@@ -165,7 +169,7 @@ class CompiledEnergies(PyroEvaluation):
 
 
 def _inputs(energy: SplitEnergy, leading: List[torch.Tensor]) -> "tuple[List[torch.Tensor], List[str]]":
-    """The tensors a recording reads after ``leading``: the batch's tensors (also those inside
+    """The tensors a recording reads after `leading`: the batch's tensors (also those inside
     lists, tuples and dicts), the replayed subsample indices, the sample sites' scales and the
     parameters (unconstrained, as the optimiser updates them); and the parameters' names."""
     store = pyro.get_param_store()
@@ -192,8 +196,8 @@ class _Scales(Messenger):
 
 
 def _bind(energy: SplitEnergy, inputs) -> SplitEnergy:
-    """``energy`` on the batch tensors, subsample indices and scales taken, in :func:`_inputs`'
-    order, from the iterator ``inputs`` (the parameters that follow are read by the model
+    """`energy` on the batch tensors, subsample indices and scales taken, in `_inputs`'
+    order, from the iterator `inputs` (the parameters that follow are read by the model
     itself). The scales replace those the model's handlers set: the wrapper is outermost, so
     it processes each site last."""
     leaves, spec = tree_flatten((list(energy.args), dict(energy.kwargs)))

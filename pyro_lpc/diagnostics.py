@@ -1,19 +1,19 @@
-r"""Chain diagnostics with ArviZ: fit-time Langevin chains and ``PCLangevin`` runs.
+r"""Chain diagnostics with ArviZ: fit-time Langevin chains and `PCLangevin` runs.
 
-During ``fit`` each data point gets one short chain per mini-batch, which says
-nothing about convergence on its own. A :class:`ChainRecorder` therefore runs,
-after every epoch, ``num_chains`` independent chains for each of a few chosen
+During `fit` each data point gets one short chain per mini-batch, which says
+nothing about convergence on its own. A [`ChainRecorder`][pyro_lpc.diagnostics.ChainRecorder] therefore runs,
+after every epoch, `num_chains` independent chains for each of a few chosen
 data points with the run's current sampler (same θ, warm start,
 preconditioner, step size and K) and keeps every step, so that
-:func:`arviz.rhat`, :func:`arviz.ess`, :func:`arviz.summary` and
-:func:`arviz.plot_trace` apply. Recording neither changes the training's random
+`arviz.rhat`, `arviz.ess`, `arviz.summary` and
+`arviz.plot_trace` apply. Recording neither changes the training's random
 stream nor its sampler state.
 
 Local latents only are recorded, with the global latents held at the values
 of their persistent chain (which the recorded points alone must not move).
 The recorded points are passed to the model as one batch of
-``num_chains × B`` copies, so the model's data plate must be sized by its
-batch (``pyro.plate("data", x.shape[0])``).
+`num_chains × B` copies, so the model's data plate must be sized by its
+batch (`pyro.plate("data", x.shape[0])`).
 """
 from __future__ import annotations
 
@@ -27,19 +27,20 @@ from .checkpoint import restore_rng, save_rng
 
 
 class ChainRecorder:
-    """Record ``num_chains`` Langevin chains per chosen data point after each epoch.
+    """Record `num_chains` Langevin chains per chosen data point after each epoch.
 
-    :param batch: the chosen data points, a tensor ``(B, ...)`` or a tuple of
-        tensors passed as ``model(*batch)``.
-    :param int num_chains: independent chains per data point.
-    :param int num_steps: steps to record (default: the ``fit`` run's K, its
-        largest with an adaptive schedule).
+    Args:
+        batch: the chosen data points, a tensor `(B, ...)` or a tuple of
+            tensors passed as `model(*batch)`.
+        num_chains (int): independent chains per data point.
+        num_steps (int): steps to record (default: the `fit` run's K, its
+            largest with an adaptive schedule).
 
-    After ``fit(..., recorder=recorder)``, ``recorder.records[epoch]`` is an
-    ``arviz.InferenceData`` with dims ``(chain, draw, point, ...)``.
+    After `fit(..., recorder=recorder)`, `recorder.records[epoch]` is an
+    `arviz.InferenceData` with dims `(chain, draw, point, ...)`.
 
-    Example::
-
+    Example:
+        ```python
         >>> import pyro, pyro.distributions as dist, torch, arviz
         >>> from pyro_lpc import fit
         >>> from pyro_lpc.diagnostics import ChainRecorder
@@ -52,6 +53,8 @@ class ChainRecorder:
         >>> _ = fit(model, None, x, batch_size=32, num_steps=5, recorder=recorder, progress=False)
         >>> arviz.rhat(recorder.records[0])["z"].shape
         (3,)
+
+        ```
     """
 
     def __init__(self, batch, num_chains: int = 4, num_steps: Optional[int] = None):
@@ -65,8 +68,8 @@ class ChainRecorder:
         self.records: Dict[int, arviz.InferenceData] = {}
 
     def record(self, lpc, label: int) -> arviz.InferenceData:
-        """Run the chains with ``lpc``'s sampler (an :class:`~pyro_lpc.LPC`, through
-        :meth:`~pyro_lpc.LPC.sample_chains`) and store them under ``label``; the
+        """Run the chains with `lpc`'s sampler (an [`LPC`][pyro_lpc.LPC], through
+        [`sample_chains`][pyro_lpc.LPC.sample_chains]) and store them under `label`; the
         training's random stream is restored afterwards."""
         size = self.args[0].shape[0]
         replicated = tuple(a.repeat((self.num_chains,) + (1,) * (a.dim() - 1)) for a in self.args)
@@ -91,8 +94,8 @@ class ChainRecorder:
 
 
 def to_inference_data(source: Union["MCMC", ChainRecorder], label: Optional[int] = None):
-    """ArviZ ``InferenceData`` of a ``pyro.infer.MCMC`` run (e.g. with ``PCLangevin``,
-    through :func:`arviz.from_pyro`) or of a recorder's chains (the last epoch by default)."""
+    """ArviZ `InferenceData` of a `pyro.infer.MCMC` run (e.g. with `PCLangevin`,
+    through `arviz.from_pyro`) or of a recorder's chains (the last epoch by default)."""
     if isinstance(source, ChainRecorder):
         if not source.records:
             raise ValueError("The recorder holds no chains yet: pass it to fit(..., recorder=...).")

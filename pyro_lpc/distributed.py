@@ -1,27 +1,28 @@
-r"""Data-parallel ``fit`` on ``torch.distributed`` (launched with ``torchrun``).
+r"""Data-parallel `fit` on `torch.distributed` (launched with `torchrun`).
 
 Every process (rank) holds a full copy of the model and guide and trains on its
-own shard of each *global* mini-batch of ``world_size × batch_size`` points:
+own shard of each *global* mini-batch of `world_size × batch_size` points:
 
 * local latents: each rank runs the Langevin chains of its own data points,
   with no communication inside a chain;
 * the shared diagonal preconditioner: its gradient statistics are averaged
-  over ranks once per chain (when ``P`` is refreshed), so every rank samples
-  with the same ``P``;
+  over ranks once per chain (when `P` is refreshed), so every rank samples
+  with the same `P`;
 * global latents: one chain, identical on every rank — its mini-batch gradient
   is averaged over ranks at every step and its noise comes from a generator
   seeded alike on every rank;
 * θ and φ: their gradients are averaged over ranks (as
-  ``DistributedDataParallel`` does) in one flat all-reduce per iteration, so
+  `DistributedDataParallel` does) in one flat all-reduce per iteration, so
   every rank takes the same optimiser step.
 
 Averaging is exactly the single-process gradient on the global batch when the
-model scales its data plate by ``N / B`` (a subsampled plate); a model that
-sums its mini-batch unscaled gets ``1 / world_size`` of it — the same
-convention as ``DistributedDataParallel`` with a summed loss.
+model scales its data plate by `N / B` (a subsampled plate); a model that
+sums its mini-batch unscaled gets `1 / world_size` of it — the same
+convention as `DistributedDataParallel` with a summed loss.
 
-:func:`replicas` returns a :class:`Replicas` for the current process group, or
-a :class:`SingleProcess` with the same methods when there is none.
+[`replicas`][pyro_lpc.distributed.replicas] returns a [`Replicas`][pyro_lpc.distributed.Replicas] for the
+current process group, or a [`SingleProcess`][pyro_lpc.distributed.SingleProcess] with the same methods when
+there is none.
 """
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def init_from_env(backend: Optional[str] = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> bool:
-    """Join the process group that ``torchrun`` describes in the environment.
+    """Join the process group that `torchrun` describes in the environment.
 
-    Does nothing (and returns ``False``) unless ``WORLD_SIZE`` > 1 is set and no
-    group exists yet. ``backend`` defaults to NCCL when CUDA is available, else
-    gloo. A collective that waits longer than ``timeout`` fails instead of hanging.
+    Does nothing (and returns `False`) unless `WORLD_SIZE` > 1 is set and no
+    group exists yet. `backend` defaults to NCCL when CUDA is available, else
+    gloo. A collective that waits longer than `timeout` fails instead of hanging.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
@@ -57,7 +58,7 @@ def init_from_env(backend: Optional[str] = None, timeout: datetime.timedelta = D
 
 
 def finish(code: int = 0) -> None:
-    """End a ``torchrun`` worker: leave the process group, flush, and exit with ``code``
+    """End a `torchrun` worker: leave the process group, flush, and exit with `code`
     without interpreter teardown. (Seen on this project's CI machine: a worker that had
     finished all its work aborted during teardown — "terminate called without an active
     exception", exit −6 — in 2 of about 40 launches, once after leaving the group.)
@@ -71,7 +72,7 @@ def finish(code: int = 0) -> None:
 
 
 def _seed_for(base: int, *key: int) -> int:
-    """A 32-bit seed (NumPy takes no more) derived from ``base`` and ``key`` (independent streams per key)."""
+    """A 32-bit seed (NumPy takes no more) derived from `base` and `key` (independent streams per key)."""
     return int(np.random.SeedSequence([base, *key]).generate_state(1)[0])
 
 
@@ -85,33 +86,33 @@ class SingleProcess:
         return self.rank == 0
 
     def average(self, tensors: List[Optional[torch.Tensor]], like: Optional[List[torch.Tensor]] = None):
-        """The mean over ranks of each tensor, in one all-reduce. ``None`` marks a tensor
-        absent on this rank (shaped as the matching entry of ``like``); it stays
-        ``None`` only where it is absent on every rank."""
+        """The mean over ranks of each tensor, in one all-reduce. `None` marks a tensor
+        absent on this rank (shaped as the matching entry of `like`); it stays
+        `None` only where it is absent on every rank."""
         return list(tensors)
 
     def average_dict(self, values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """``values`` averaged over ranks, keys kept."""
+        """`values` averaged over ranks, keys kept."""
         return dict(zip(values, self.average(list(values.values()))))
 
     def broadcast(self, tensors: List[torch.Tensor]) -> None:
-        """Overwrite ``tensors`` in place with rank 0's values."""
+        """Overwrite `tensors` in place with rank 0's values."""
 
     def broadcast_object(self, obj):
-        """Rank 0's ``obj`` on every rank."""
+        """Rank 0's `obj` on every rank."""
         return obj
 
     def gather_objects(self, obj) -> List:
-        """Every rank's ``obj``, in rank order (on every rank)."""
+        """Every rank's `obj`, in rank order (on every rank)."""
         return [obj]
 
     def check_same(self, what: str, value) -> None:
-        """Raise on every rank if ``value`` differs between ranks."""
+        """Raise on every rank if `value` differs between ranks."""
 
     def seed(self, seed: Optional[int]) -> int:
         """Seed this rank's RNGs and return the base seed. Rank 0 is seeded with
-        ``seed`` itself, rank r with an independent stream derived from it. With
-        ``seed=None`` a single process keeps its RNGs (the base is drawn from
+        `seed` itself, rank r with an independent stream derived from it. With
+        `seed=None` a single process keeps its RNGs (the base is drawn from
         them); several ranks draw a base on rank 0 and seed from it."""
         if seed is None:
             if self.world_size == 1:
@@ -121,25 +122,25 @@ class SingleProcess:
         return seed
 
     def reseed(self, base: int, epoch: int) -> None:
-        """Fresh per-rank streams for a run resumed at ``epoch`` under another world size."""
+        """Fresh per-rank streams for a run resumed at `epoch` under another world size."""
         pyro.set_rng_seed(_seed_for(base, epoch, self.rank))
 
     def streams(self, seed: Optional[int]) -> "tuple[int, torch.Generator]":
-        """Seed this rank (:meth:`seed`) and return the base seed and a CPU generator
-        in the same state on every rank, for what all ranks draw alike (the data
-        order, the global chains' noise)."""
+        """Seed this rank ([`seed`][pyro_lpc.distributed.SingleProcess.seed]) and return the base seed and a
+        CPU generator in the same state on every rank, for what all ranks draw alike (the data order, the
+        global chains' noise)."""
         base = self.seed(seed)
         return base, torch.Generator().manual_seed(_seed_for(base, 2**31))
 
     def shard(self, batches: Iterator, data, epoch: int) -> Iterator:
-        """This rank's share of one epoch's ``batches`` (``(args, kwargs)`` pairs).
+        """This rank's share of one epoch's `batches` (`(args, kwargs)` pairs).
 
-        For a tensor ``data`` the batches are *global* (``world_size × batch_size``
+        For a tensor `data` the batches are *global* (`world_size × batch_size`
         rows, in the same order on every rank) and each rank takes its contiguous
         share of the rows (a final batch with fewer rows than ranks is dropped). A
-        loader with a ``DistributedSampler`` is already sharded (its ``set_epoch``
-        is called). Any other iterable is dealt round-robin, batch ``i`` to rank
-        ``i mod world_size``, dropping an incomplete final round so that every
+        loader with a `DistributedSampler` is already sharded (its `set_epoch`
+        is called). Any other iterable is dealt round-robin, batch `i` to rank
+        `i mod world_size`, dropping an incomplete final round so that every
         rank takes the same number of steps.
         """
         if torch.is_tensor(data):
@@ -159,7 +160,7 @@ class SingleProcess:
                 yield held
 
     def num_batches(self, data, batch_size) -> int:
-        """Mini-batches per epoch on this rank, or 0 when ``data`` does not say."""
+        """Mini-batches per epoch on this rank, or 0 when `data` does not say."""
         if torch.is_tensor(data):
             if not batch_size:
                 return 0
@@ -176,7 +177,7 @@ class SingleProcess:
 
 
 class Replicas(SingleProcess):
-    """This process's place in the default ``torch.distributed`` group."""
+    """This process's place in the default `torch.distributed` group."""
 
     def __init__(self):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -223,9 +224,9 @@ class Replicas(SingleProcess):
 
 
 def replicas():
-    """:class:`Replicas` when a ``torch.distributed`` group with more than one rank
-    exists (joining the one ``torchrun`` describes, see :func:`init_from_env`),
-    else :class:`SingleProcess`."""
+    """[`Replicas`][pyro_lpc.distributed.Replicas] when a `torch.distributed` group with more than one rank
+    exists (joining the one `torchrun` describes, see [`init_from_env`][pyro_lpc.distributed.init_from_env]),
+    else [`SingleProcess`][pyro_lpc.distributed.SingleProcess]."""
     init_from_env()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return Replicas()

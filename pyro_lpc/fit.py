@@ -1,7 +1,7 @@
-r"""``fit``: learn a Pyro model's parameters with Langevin Predictive Coding, epoch by epoch.
+r"""`fit`: learn a Pyro model's parameters with Langevin Predictive Coding, epoch by epoch.
 
-A thin loop over :class:`~pyro_lpc.lpc.LPC` (one iteration per mini-batch) and
-:func:`~pyro_lpc.training.run_epochs` (mini-batches, checkpoints, processes).
+A thin loop over [`LPC`][pyro_lpc.LPC] (one iteration per mini-batch) and
+`run_epochs` (mini-batches, checkpoints, processes).
 """
 from __future__ import annotations
 
@@ -43,80 +43,83 @@ def fit(
     jit_options: Optional[dict] = None,
     batch_args=None,
 ) -> FitResult:
-    r"""Learn the parameters θ of a Pyro ``model`` by Langevin Predictive Coding: a loop of
-    :meth:`LPC.step <pyro_lpc.lpc.LPC.step>` over epochs and mini-batches, with a progress
-    bar, checkpoints, ``pyro.optim`` LR schedulers stepped once per epoch and, under
-    ``torchrun``, data-parallel training (:mod:`pyro_lpc.distributed`).
+    r"""Learn the parameters θ of a Pyro `model` by Langevin Predictive Coding: a loop of
+    [`LPC.step`][pyro_lpc.LPC.step] over epochs and mini-batches, with a progress
+    bar, checkpoints, `pyro.optim` LR schedulers stepped once per epoch and, under
+    `torchrun`, data-parallel training ([`pyro_lpc.distributed`][pyro_lpc.distributed]).
 
-    Each mini-batch: chains start from ``guide`` draws (or the prior when
-    ``guide=None``), take ``num_steps`` Langevin steps
-    ``z' = z - η P ∇U + sqrt(2ηP) ξ`` on ``U = -log p_θ(x, z)``, then θ takes one
-    ``optim`` step on ``-mean_k log p_θ(x, z_k)`` over the kept samples and φ one
-    ``guide_optim`` step on the warm-start objective. See :mod:`pyro_lpc.lpc` for how
+    Each mini-batch: chains start from `guide` draws (or the prior when
+    `guide=None`), take `num_steps` Langevin steps
+    `z' = z - η P ∇U + sqrt(2ηP) ξ` on `U = -log p_θ(x, z)`, then θ takes one
+    `optim` step on `-mean_k log p_θ(x, z_k)` over the kept samples and φ one
+    `guide_optim` step on the warm-start objective. See `pyro_lpc.lpc` for how
     local and global latents, subsampled plates and scales are treated. The
-    options shared with :class:`~pyro_lpc.lpc.LPC` are documented there in full.
+    options shared with [`LPC`][pyro_lpc.LPC] are documented there in full.
 
-    :param model: a Pyro model; θ is every ``pyro.param``/``pyro.module`` it uses.
-    :param guide: an amortised guide (or a :class:`~pyro_lpc.WarmStart`); φ is
-        its parameters that are not also the model's. ``None``: encoder-free.
-    :param data: an iterable of batches (a tuple/list batch is passed as
-        ``model(*batch)``, a dict as ``model(**batch)``, anything else as
-        ``model(batch)``) or a tensor split into shuffled mini-batches of
-        ``batch_size`` each epoch.
-    :param batch_args: maps each batch of an iterable ``data`` to the model's
-        arguments, by the same rule (a tuple: positional, a dict: keyword, else
-        one argument): ``batch_args=lambda batch: batch[0]`` trains ``model(x)``
-        on a ``DataLoader`` of ``(image, label)`` pairs, as Pyro's VAE example.
-    :param num_steps: Langevin steps K per mini-batch: an int (0: θ steps on the
-        guide's draws; needs a guide with the reverse or Jeffreys objective),
-        ``"auto"`` (:class:`~pyro_lpc.schedule.AdaptiveSteps`: starts at 20,
-        halves while the second half of the chains lowers the energy by less than
-        1.5 nats per data point, doubles again above 3, down to 0 and up to 20)
-        or an :class:`~pyro_lpc.schedule.AdaptiveSteps`. Models with global
-        latents run at least one step (their persistent chain keeps moving).
-    :param float step_size: Langevin step size η of the local chains (the
-        initial one with ``target_accept``).
-    :param float target_accept_prob: adapt η after every iteration so that the local
-        chains' mean MALA acceptance probability tracks this value
-        (:class:`~pyro_lpc.schedule.StepSizeAdaptation`); ``None``: η fixed.
-    :param float global_step_size: step size of the global chain, plain SGLD
-        (default ``step_size / N``, N the data plate's full size: a global
-        posterior's curvature grows like N). ``precondition`` applies to the
-        local chains.
-    :param precondition: ``"diagonal"`` (shared by all chains, carried across
-        mini-batches, constant within a chain), ``"rmsprop"``/``"adam"`` (the
-        paper's per-chain forms) or ``None``.
-    :param bool adjust: Metropolis-adjust the local chains (MALA).
-    :param str warm_start: the guide's objective, ``"forward"``, ``"reverse"``
-        or ``"jeffreys"`` (ignored when ``guide`` is a ``WarmStart``).
-    :param keep: which samples feed θ: ``"last"`` (default), ``"all"``, an int
-        burn-in or a ``slice`` of the K samples (``slice(4, None, 5)``: every 5th).
-        Each kept sample costs one more model gradient: on MNIST (K = 20)
-        ``"last"`` halves an iteration's cost; per iteration it learns more
-        slowly early on, per second it is ahead (docs: Benchmarks).
-    :param optim: a ``pyro.optim`` optimiser for θ (default Adam, lr 1e-3); a ``pyro.optim``
-        LR scheduler is stepped after every epoch.
-    :param guide_optim: the same for φ (default Adam, lr 1e-3).
-    :param int batch_size: mini-batch size (per process under ``torchrun``).
-    :param int seed: seeds Pyro's RNGs before training (rank ``r`` of several
-        processes: an independent stream derived from it).
-    :param str checkpoint_dir: save a checkpoint there after each epoch.
-    :param bool resume: continue from the checkpoint in ``checkpoint_dir``.
-    :param str data_plate: name of the plate over data points (default: inferred).
-    :param recorder: a :class:`~pyro_lpc.diagnostics.ChainRecorder` that records
-        several chains of chosen data points after each epoch, for ArviZ.
-    :param bool jit_compile: record the local chains' energy *and its gradient*
-        once per batch shape as one graph (:mod:`pyro_lpc.compiled`) and run the
-        recording at every step instead of re-running the model under Pyro and
-        autograd. The model's control flow must depend on shapes only. Not used
-        while global latents move with the local chains.
-    :param dict jit_options: with ``jit_compile``, also compile the recording with
-        ``torch.compile(**jit_options)`` (``{}``: Inductor's defaults, some seconds
-        to compile per batch shape; ``{"mode": "reduce-overhead"}``: CUDA graphs).
-    :returns: a :class:`FitResult` with the per-iteration history.
+    Args:
+        model: a Pyro model; θ is every `pyro.param`/`pyro.module` it uses.
+        guide: an amortised guide (or a [`WarmStart`][pyro_lpc.WarmStart]); φ is
+            its parameters that are not also the model's. `None`: encoder-free.
+        data: an iterable of batches (a tuple/list batch is passed as
+            `model(*batch)`, a dict as `model(**batch)`, anything else as
+            `model(batch)`) or a tensor split into shuffled mini-batches of
+            `batch_size` each epoch.
+        batch_args: maps each batch of an iterable `data` to the model's
+            arguments, by the same rule (a tuple: positional, a dict: keyword, else
+            one argument): `batch_args=lambda batch: batch[0]` trains `model(x)`
+            on a `DataLoader` of `(image, label)` pairs, as Pyro's VAE example.
+        num_steps: Langevin steps K per mini-batch: an int (0: θ steps on the
+            guide's draws; needs a guide with the reverse or Jeffreys objective),
+            `"auto"` ([`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps]: starts at 20,
+            halves while the second half of the chains lowers the energy by less than
+            1.5 nats per data point, doubles again above 3, down to 0 and up to 20)
+            or an [`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps]. Models with global
+            latents run at least one step (their persistent chain keeps moving).
+        step_size (float): Langevin step size η of the local chains (the
+            initial one with `target_accept`).
+        target_accept_prob (float): adapt η after every iteration so that the local
+            chains' mean MALA acceptance probability tracks this value
+            ([`StepSizeAdaptation`][pyro_lpc.schedule.StepSizeAdaptation]); `None`: η fixed.
+        global_step_size (float): step size of the global chain, plain SGLD
+            (default `step_size / N`, N the data plate's full size: a global
+            posterior's curvature grows like N). `precondition` applies to the
+            local chains.
+        precondition: `"diagonal"` (shared by all chains, carried across
+            mini-batches, constant within a chain), `"rmsprop"`/`"adam"` (the
+            paper's per-chain forms) or `None`.
+        adjust (bool): Metropolis-adjust the local chains (MALA).
+        warm_start (str): the guide's objective, `"forward"`, `"reverse"`
+            or `"jeffreys"` (ignored when `guide` is a `WarmStart`).
+        keep: which samples feed θ: `"last"` (default), `"all"`, an int
+            burn-in or a `slice` of the K samples (`slice(4, None, 5)`: every 5th).
+            Each kept sample costs one more model gradient: on MNIST (K = 20)
+            `"last"` halves an iteration's cost; per iteration it learns more
+            slowly early on, per second it is ahead (docs: Benchmarks).
+        optim: a `pyro.optim` optimiser for θ (default Adam, lr 1e-3); a `pyro.optim`
+            LR scheduler is stepped after every epoch.
+        guide_optim: the same for φ (default Adam, lr 1e-3).
+        batch_size (int): mini-batch size (per process under `torchrun`).
+        seed (int): seeds Pyro's RNGs before training (rank `r` of several
+            processes: an independent stream derived from it).
+        checkpoint_dir (str): save a checkpoint there after each epoch.
+        resume (bool): continue from the checkpoint in `checkpoint_dir`.
+        data_plate (str): name of the plate over data points (default: inferred).
+        recorder: a [`ChainRecorder`][pyro_lpc.diagnostics.ChainRecorder] that records
+            several chains of chosen data points after each epoch, for ArviZ.
+        jit_compile (bool): record the local chains' energy *and its gradient*
+            once per batch shape as one graph ([`pyro_lpc.compiled`][pyro_lpc.compiled]) and run the
+            recording at every step instead of re-running the model under Pyro and
+            autograd. The model's control flow must depend on shapes only. Not used
+            while global latents move with the local chains.
+        jit_options (dict): with `jit_compile`, also compile the recording with
+            `torch.compile(**jit_options)` (`{}`: Inductor's defaults, some seconds
+            to compile per batch shape; `{"mode": "reduce-overhead"}`: CUDA graphs).
 
-    Example::
+    Returns:
+        a [`FitResult`][pyro_lpc.FitResult] with the per-iteration history.
 
+    Example:
+        ```python
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro_lpc import fit
         >>> def model(x):
@@ -128,6 +131,8 @@ def fit(
         ...              progress=False, seed=0)
         >>> len(result.history)
         2
+
+        ```
     """
     if recorder is not None and steps_schedule(num_steps).max_steps == 0 and recorder.num_steps is None:
         raise ValueError("num_steps=0 runs no chains: give the ChainRecorder its own num_steps to record.")

@@ -1,4 +1,4 @@
-r"""``PCLangevin``: preconditioned Langevin dynamics as a ``pyro.infer.MCMC`` kernel."""
+r"""`PCLangevin`: preconditioned Langevin dynamics as a `pyro.infer.MCMC` kernel."""
 from __future__ import annotations
 
 import math
@@ -24,24 +24,27 @@ TERMINAL_FRACTION = 0.25
 
 
 def adaptation_windows(warmup_steps: int):
-    """Warm-up windows ``[(start, end), ...]`` (inclusive step indices), as Stan's.
+    """Warm-up windows `[(start, end), ...]` (inclusive step indices), as Stan's.
 
     An initial fast window (75 steps, or 15 % of a short warm-up) tunes the step
     size only; slow windows of doubling length (from 25 steps; the last one
-    stretched to fill) also adapt ``P``, and the step size restarts after each;
-    a terminal fast window tunes the step size against the frozen ``P``. Below
+    stretched to fill) also adapt `P`, and the step size restarts after each;
+    a terminal fast window tunes the step size against the frozen `P`. Below
     20 steps there is one window and only the step size adapts. The terminal
-    window is ``TERMINAL_FRACTION`` of warm-up, longer than Stan's 10 %: a single
+    window is `TERMINAL_FRACTION` of warm-up, longer than Stan's 10 %: a single
     MALA proposal's acceptance probability is a noisier signal than NUTS's
     trajectory average (10-d Gaussian, 5 seeds, 500 warm-up steps: acceptance
     0.42–0.69 with 10 %, 0.54–0.63 with 25 %).
 
-        >>> adaptation_windows(500)
-        [(0, 74), (75, 99), (100, 149), (150, 374), (375, 499)]
-        >>> adaptation_windows(20)
-        [(0, 2), (3, 14), (15, 19)]
-        >>> adaptation_windows(10)
-        [(0, 9)]
+    ```python
+    >>> adaptation_windows(500)
+    [(0, 74), (75, 99), (100, 149), (150, 374), (375, 499)]
+    >>> adaptation_windows(20)
+    [(0, 2), (3, 14), (15, 19)]
+    >>> adaptation_windows(10)
+    [(0, 9)]
+
+    ```
     """
     if warmup_steps < 20:
         return [(0, warmup_steps - 1)]
@@ -57,26 +60,26 @@ def adaptation_windows(warmup_steps: int):
 
 
 class PCLangevin(MCMCKernel):
-    r"""Preconditioned Langevin kernel (ULA or MALA) for :class:`pyro.infer.MCMC`.
+    r"""Preconditioned Langevin kernel (ULA or MALA) for `pyro.infer.MCMC`.
 
-    Each :meth:`sample` call takes one step
+    Each `sample` call takes one step
 
-    .. math::
+    $$
+    z' = z - \eta P \odot \nabla U(z) + \sqrt{2 \eta P} \odot \xi,
+    \qquad \xi \sim \mathcal N(0, I),
+    $$
 
-        z' = z - \eta P \odot \nabla U(z) + \sqrt{2 \eta P} \odot \xi,
-        \qquad \xi \sim \mathcal N(0, I),
-
-    on the model's energy :math:`U(z) = -\log p(x, z)` in unconstrained space,
-    accepted with the Metropolis–Hastings probability when ``adjust=True``
+    on the model's energy $U(z) = -\log p(x, z)$ in unconstrained space,
+    accepted with the Metropolis–Hastings probability when `adjust=True`
     (MALA, the default) and always otherwise (ULA, Zahid et al. 2024). With the
-    default ``precondition="diagonal"``, :math:`P = 1/(\sqrt{\hat v} + \lambda)` is
+    default `precondition="diagonal"`, $P = 1/(\sqrt{\hat v} + \lambda)$ is
     built from a running average of squared gradients during warm-up and frozen
     afterwards, so post-warm-up MALA leaves the posterior exactly invariant and
     ULA has only its O(η) discretisation bias. Warm-up follows Stan's windows
-    (:func:`adaptation_windows`): the step size is tuned throughout by dual
-    averaging (Hoffman & Gelman 2014) towards ``target_accept_prob`` of the MALA
+    (`adaptation_windows`): the step size is tuned throughout by dual
+    averaging (Hoffman & Gelman 2014) towards `target_accept_prob` of the MALA
     acceptance probability (computed as a diagnostic under ULA too) and
-    restarted after each window that adapted ``P``. Warm-up steps are
+    restarted after each window that adapted `P`. Warm-up steps are
     Metropolis-adjusted whenever that is exact, so tuning stays in the typical
     set. After warm-up a non-finite ULA proposal stops the chain with an error
     naming the step, and a ULA step past the stability limit (η times the
@@ -85,32 +88,33 @@ class PCLangevin(MCMCKernel):
 
     ULA at the step size tuned for MALA's acceptance is biased: on a normal
     model with unknown mean and scale (50 points) its posterior sd of the scale
-    was 2.3x NUTS's, MALA's 1.00x (``benchmarks/kernel_defaults.py``).
-    ``"rmsprop"`` and ``"adam"`` are the paper's per-chain forms, updated every
-    step: no Metropolis test is exact for them, so they need ``adjust=False``
+    was 2.3x NUTS's, MALA's 1.00x (`benchmarks/kernel_defaults.py`).
+    `"rmsprop"` and `"adam"` are the paper's per-chain forms, updated every
+    step: no Metropolis test is exact for them, so they need `adjust=False`
     and warm up unadjusted (kept for reproducing the paper).
 
-    :param model: a Pyro model (or give ``potential_fn`` instead).
-    :param potential_fn: ``dict -> scalar`` energy in unconstrained space;
-        requires ``initial_params`` (through ``MCMC``).
-    :param float step_size: initial Langevin step size η.
-    :param str precondition: ``"diagonal"``, ``"rmsprop"``, ``"adam"`` or ``None``.
-    :param bool adjust: Metropolis-adjust the step (MALA, default); ``False`` is ULA.
-    :param bool adapt_step_size: tune η during warm-up.
-    :param float target_accept_prob: dual-averaging target (0.574 is optimal for MALA).
-    :param bool adapt_preconditioner: estimate the diagonal ``P`` during warm-up.
-    :param init_strategy: Pyro init strategy for the chains' starting points.
-    :param dict transforms: optional site transforms to unconstrained space.
-    :param init: an amortised guide (e.g. :class:`pyro_lpc.WarmStart`) called
-        with the model's arguments; chains start from its draws.
-    :param int max_plate_nesting: as for Pyro's HMC.
-    :param bool jit_compile: trace the model's potential with the PyTorch JIT, as
-        Pyro's HMC does (several times faster per step for small models; some
-        models, e.g. ones registering ``pyro.module`` parameters, fail to trace).
-    :param bool ignore_jit_warnings: silence the JIT's tracer warnings.
+    Args:
+        model: a Pyro model (or give `potential_fn` instead).
+        potential_fn: `dict -> scalar` energy in unconstrained space;
+            requires `initial_params` (through `MCMC`).
+        step_size (float): initial Langevin step size η.
+        precondition (str): `"diagonal"`, `"rmsprop"`, `"adam"` or `None`.
+        adjust (bool): Metropolis-adjust the step (MALA, default); `False` is ULA.
+        adapt_step_size (bool): tune η during warm-up.
+        target_accept_prob (float): dual-averaging target (0.574 is optimal for MALA).
+        adapt_preconditioner (bool): estimate the diagonal `P` during warm-up.
+        init_strategy: Pyro init strategy for the chains' starting points.
+        transforms (dict): optional site transforms to unconstrained space.
+        init: an amortised guide (e.g. [`pyro_lpc.WarmStart`][pyro_lpc.WarmStart]) called
+            with the model's arguments; chains start from its draws.
+        max_plate_nesting (int): as for Pyro's HMC.
+        jit_compile (bool): trace the model's potential with the PyTorch JIT, as
+            Pyro's HMC does (several times faster per step for small models; some
+            models, e.g. ones registering `pyro.module` parameters, fail to trace).
+        ignore_jit_warnings (bool): silence the JIT's tracer warnings.
 
-    Example::
-
+    Example:
+        ```python
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro.infer import MCMC
         >>> from pyro_lpc import PCLangevin
@@ -123,6 +127,8 @@ class PCLangevin(MCMCKernel):
         >>> mcmc.run(torch.randn(20) + 3.0)
         >>> mcmc.get_samples()["mu"].shape
         torch.Size([200])
+
+        ```
     """
 
     def __init__(
@@ -224,7 +230,7 @@ class PCLangevin(MCMCKernel):
             return self.potential_fn(position)
 
     def _guide_params(self, params, args, kwargs):
-        """Unconstrained starting values drawn from the ``init`` guide: the values of its
+        """Unconstrained starting values drawn from the `init` guide: the values of its
         non-auxiliary sites (an autoguide's auxiliary sites are its own variables)."""
         with torch.no_grad(), poutine.block():
             trace = poutine.trace(self.init).get_trace(*args, **kwargs)
@@ -305,11 +311,11 @@ class PCLangevin(MCMCKernel):
         return dict(self._state.position)
 
     def _past_stability_limit(self, new_state) -> bool:
-        r"""Whether a ULA move ``Δz`` went past the stability limit ``η h < 2``.
+        r"""Whether a ULA move `Δz` went past the stability limit `η h < 2`.
 
-        ``h = Δz·Δ∇U / (Δz·P⁻¹Δz)`` is the secant curvature along the move in
-        ``P``'s metric. On a Gaussian it lies between the eigenvalues of ``P H``, and
-        ULA (``z' - z* = (I - ηPH)(z - z*) + noise``) is stable iff ``η λ_max < 2``;
+        `h = Δz·Δ∇U / (Δz·P⁻¹Δz)` is the secant curvature along the move in
+        `P`'s metric. On a Gaussian it lies between the eigenvalues of `P H`, and
+        ULA (`z' - z* = (I - ηPH)(z - z*) + noise`) is stable iff `η λ_max < 2`;
         a chain that runs away moves along the unstable direction, so its steps
         are caught (Pyro's HMC likewise counts a divergence, rather than stopping).
         """
@@ -322,9 +328,9 @@ class PCLangevin(MCMCKernel):
         return bool(self.step_size * curvature > 2.0 * metric)
 
     def _adapt(self, accept_prob):
-        """Warm-up step ``t``: tune η by dual averaging; in a slow window also fold the
-        gradient into ``P`` (refreshed every step; its running average forgets the
-        transient); after a slow window restart η (see :func:`adaptation_windows`)."""
+        """Warm-up step `t`: tune η by dual averaging; in a slow window also fold the
+        gradient into `P` (refreshed every step; its running average forgets the
+        transient); after a slow window restart η (see `adaptation_windows`)."""
         t, (_, end) = self._t - 1, self._windows[self._window]
         last = self._window == len(self._windows) - 1
         slow = (
@@ -346,12 +352,12 @@ class PCLangevin(MCMCKernel):
                 self._restart_step_size()
 
     def _restart_step_size(self):
-        """Restart dual averaging around a reasonable η for the current ``P``.
+        """Restart dual averaging around a reasonable η for the current `P`.
 
         As Pyro's HMC: from the current state, double (or halve) η while the MALA
         acceptance probability of one proposal stays above (below) the target; keep
         the η on the accepting side of the crossing and centre dual averaging on it
-        (not on ``10 η`` as Pyro: the search has bracketed η already, and short
+        (not on `10 η` as Pyro: the search has bracketed η already, and short
         terminal windows cannot undo a tenfold start).
         """
         def above(step_size):
@@ -372,7 +378,7 @@ class PCLangevin(MCMCKernel):
 
     def cleanup(self):
         """End of a chain: forget its state, but keep what warm-up adapted
-        (``step_size``, ``preconditioner``) readable until the next ``setup``."""
+        (`step_size`, `preconditioner`) readable until the next `setup`."""
         self._final_preconditioner = self.preconditioner
         self._reset()
 
@@ -394,8 +400,8 @@ class PCLangevin(MCMCKernel):
 
     @property
     def preconditioner(self):
-        """The diagonal ``P`` per site (frozen after warm-up; after a run, the last
-        chain's), or ``None`` without preconditioning."""
+        """The diagonal `P` per site (frozen after warm-up; after a run, the last
+        chain's), or `None` without preconditioning."""
         if self._state is None:
             return self._final_preconditioner
         if self._state.precond.kind is None:

@@ -1,59 +1,66 @@
 r"""Functional core of (preconditioned) Langevin sampling.
 
 Everything here is a small pure function over named states, in the manner of
-BlackJAX's ``mala.py``: :func:`init` builds a :class:`LangevinState`,
-:func:`step` advances it by one Langevin step and returns a
-:class:`LangevinInfo`. The kernel for ``pyro.infer.MCMC`` and ``fit`` both run
+BlackJAX's `mala.py`: [`init`][pyro_lpc.langevin.init] builds a [`LangevinState`][pyro_lpc.langevin.LangevinState],
+[`step`][pyro_lpc.langevin.step] advances it by one Langevin step and returns a
+[`LangevinInfo`][pyro_lpc.langevin.LangevinInfo]. The kernel for `pyro.infer.MCMC` and `fit` both run
 on these functions.
 
-Positions are dicts ``{site: tensor}`` in unconstrained space. Every tensor may
-carry ``batch_ndim`` leading *chain* dimensions: many independent chains (for
+Positions are dicts `{site: tensor}` in unconstrained space. Every tensor may
+carry `batch_ndim` leading *chain* dimensions: many independent chains (for
 example one per data point) advance in one vectorised step. The potential
-``U(z) = -log p(x, z)`` then has shape ``batch_shape`` (one energy per chain).
+`U(z) = -log p(x, z)` then has shape `batch_shape` (one energy per chain).
 
-One step with diagonal preconditioner ``P`` (DESIGN.md §2)::
+One step with diagonal preconditioner `P` (DESIGN.md §2):
 
-    z' = z - η P ⊙ ∇U(z) + sqrt(2 η P) ⊙ ξ,      ξ ~ N(0, I)
+```text
+z' = z - η P ⊙ ∇U(z) + sqrt(2 η P) ⊙ ξ,      ξ ~ N(0, I)
+```
 
 Unadjusted (ULA) this is Euler–Maruyama for the Langevin diffusion whose
-stationary law is ``exp(-U)``, up to an O(η) bias. Adjusted (MALA) the proposal
+stationary law is `exp(-U)`, up to an O(η) bias. Adjusted (MALA) the proposal
 is accepted with probability
 
-    α = min(1, exp(U(z) - U(z') + log q(z | z') - log q(z' | z))),
-    log q(z' | z) = -‖z' - z + η P ∇U(z)‖²_{P⁻¹} / (4η) + const,
+```text
+α = min(1, exp(U(z) - U(z') + log q(z | z') - log q(z' | z))),
+log q(z' | z) = -‖z' - z + η P ∇U(z)‖²_{P⁻¹} / (4η) + const,
+```
 
-which makes ``exp(-U)`` exactly invariant when ``P`` is held fixed.
+which makes `exp(-U)` exactly invariant when `P` is held fixed.
 
-Preconditioners (``kind``):
+Preconditioners (`kind`):
 
-* ``None`` – ``P = 1``.
-* ``"diagonal"`` (default) – ``P = 1 / (sqrt(v̂) + λ)`` from one running
-  second-moment estimate ``v`` of the gradient per latent coordinate, averaged
-  over chains; :func:`step` never changes it, so it is constant within a chain.
-  The caller refreshes it with :func:`accumulate` and :func:`refresh` (during
-  warm-up, or between mini-batches).
-* ``"rmsprop"`` – the paper's form: per-chain, per-coordinate statistics
-  updated at every step, ``v_k = β2 v_{k-1} + (1-β2) g_k²``,
-  ``v̂_k = v_k / (1 - β2^k)``.
-* ``"adam"`` – as ``"rmsprop"``, with the bias-corrected first moment ``m̂_k``
+* `None` – `P = 1`.
+* `"diagonal"` (default) – `P = 1 / (sqrt(v̂) + λ)` from one running
+  second-moment estimate `v` of the gradient per latent coordinate, averaged
+  over chains; [`step`][pyro_lpc.langevin.step] never changes it, so it is constant within a chain.
+  The caller refreshes it with [`accumulate`][pyro_lpc.langevin.accumulate] and
+  [`refresh`][pyro_lpc.langevin.refresh] (during warm-up, or between mini-batches).
+* `"rmsprop"` – the paper's form: per-chain, per-coordinate statistics
+  updated at every step, `v_k = β2 v_{k-1} + (1-β2) g_k²`,
+  `v̂_k = v_k / (1 - β2^k)`.
+* `"adam"` – as `"rmsprop"`, with the bias-corrected first moment `m̂_k`
   (β1) replacing the gradient in the drift. ULA only.
 
 Example: 1,000 MALA chains on N(0, 1/4), one per row, with a shared diagonal
-preconditioner refreshed once after the first 50 steps::
+preconditioner refreshed once after the first 50 steps:
 
-    >>> import torch
-    >>> from pyro_lpc import langevin
-    >>> _ = torch.manual_seed(0)
-    >>> potential = langevin.value_and_grad(lambda p: 2.0 * p["z"].square().sum(-1))
-    >>> state = langevin.init({"z": torch.randn(1000, 1)}, potential, "diagonal", batch_ndim=1)
-    >>> for k in range(200):
-    ...     state, info = langevin.step(state, potential, 0.5, adjust=True, batch_ndim=1)
-    ...     if k < 50:
-    ...         state = state._replace(precond=langevin.accumulate(state.precond, state.grad, 1))
-    ...     if k == 49:
-    ...         state = state._replace(precond=langevin.refresh(state.precond))
-    >>> round(state.position["z"].var().item(), 1)
-    0.2
+```python
+>>> import torch
+>>> from pyro_lpc import langevin
+>>> _ = torch.manual_seed(0)
+>>> potential = langevin.value_and_grad(lambda p: 2.0 * p["z"].square().sum(-1))
+>>> state = langevin.init({"z": torch.randn(1000, 1)}, potential, "diagonal", batch_ndim=1)
+>>> for k in range(200):
+...     state, info = langevin.step(state, potential, 0.5, adjust=True, batch_ndim=1)
+...     if k < 50:
+...         state = state._replace(precond=langevin.accumulate(state.precond, state.grad, 1))
+...     if k == 49:
+...         state = state._replace(precond=langevin.refresh(state.precond))
+>>> round(state.position["z"].var().item(), 1)
+0.2
+
+```
 """
 from __future__ import annotations
 
@@ -78,10 +85,10 @@ BETA1, BETA2, EPSILON = 0.9, 0.99, 1e-5
 class Preconditioner(NamedTuple):
     """Statistics of a diagonal preconditioner.
 
-    ``second_moment`` holds ``v`` (per coordinate for ``"diagonal"``; per chain
-    and coordinate for ``"rmsprop"``/``"adam"``), ``first_moment`` holds ``m``
-    (``"adam"`` only), ``count`` the number of updates folded into them (for
-    bias correction) and ``scale`` the ``P`` that :func:`step` applies.
+    `second_moment` holds `v` (per coordinate for `"diagonal"`; per chain
+    and coordinate for `"rmsprop"`/`"adam"`), `first_moment` holds `m`
+    (`"adam"` only), `count` the number of updates folded into them (for
+    bias correction) and `scale` the `P` that [`step`][pyro_lpc.langevin.step] applies.
     """
 
     kind: Optional[str]
@@ -107,11 +114,11 @@ class LangevinState(NamedTuple):
 class LangevinInfo(NamedTuple):
     """What one step did, per chain.
 
-    ``accept_prob`` is the MALA acceptance probability of the proposal (computed
-    for ULA too, as a diagnostic and for step-size adaptation; for ``"adam"``
-    the forward density uses the momentum drift actually taken); ``accepted`` is
-    whether the chain moved; ``diverged`` whether the proposal's potential or
-    gradient was non-finite. ``proposal_potential`` is ``U`` at the proposal.
+    `accept_prob` is the MALA acceptance probability of the proposal (computed
+    for ULA too, as a diagnostic and for step-size adaptation; for `"adam"`
+    the forward density uses the momentum drift actually taken); `accepted` is
+    whether the chain moved; `diverged` whether the proposal's potential or
+    gradient was non-finite. `proposal_potential` is `U` at the proposal.
     """
 
     accept_prob: torch.Tensor
@@ -121,11 +128,11 @@ class LangevinInfo(NamedTuple):
 
 
 def check_precondition(kind: Optional[str], adjust: bool = False) -> None:
-    """Raise a ``ValueError`` naming the problem for an invalid preconditioner choice.
+    """Raise a `ValueError` naming the problem for an invalid preconditioner choice.
 
-    The per-chain kinds cannot be Metropolis-adjusted: their ``P_k`` is updated from
-    the gradient at every step, so the reverse move would use a different ``P`` than
-    the forward one and ``q(z | z')`` is not the density of any move the chain can
+    The per-chain kinds cannot be Metropolis-adjusted: their `P_k` is updated from
+    the gradient at every step, so the reverse move would use a different `P` than
+    the forward one and `q(z | z')` is not the density of any move the chain can
     make (started at N(0, 1), five such "MALA" steps at η = 1 leave variance 0.71).
     """
     if kind not in PRECONDITIONERS:
@@ -148,7 +155,7 @@ def check_precondition(kind: Optional[str], adjust: bool = False) -> None:
 
 
 def check_step_size(step_size) -> float:
-    """Return ``step_size`` as a float, or raise if it is not a finite positive number."""
+    """Return `step_size` as a float, or raise if it is not a finite positive number."""
     try:
         value = float(step_size)
     except (TypeError, ValueError):
@@ -159,10 +166,10 @@ def check_step_size(step_size) -> float:
 
 
 class value_and_grad:
-    """Wrap ``U(z)`` (per-chain energies) as ``z -> (U(z), ∇z U(z))``.
+    """Wrap `U(z)` (per-chain energies) as `z -> (U(z), ∇z U(z))`.
 
     Only the gradient with respect to the positions is computed; no graph is
-    kept afterwards. Chains are independent, so ``∇ sum_c U_c`` gives each
+    kept afterwards. Chains are independent, so `∇ sum_c U_c` gives each
     chain's own gradient. A class rather than a closure so that it pickles.
     """
 
@@ -178,7 +185,7 @@ class value_and_grad:
 
 
 def _sum_event(x: torch.Tensor, batch_ndim: int) -> torch.Tensor:
-    """Sum over all but the ``batch_ndim`` leading (chain) dims; shape ``x.shape[:batch_ndim]``."""
+    """Sum over all but the `batch_ndim` leading (chain) dims; shape `x.shape[:batch_ndim]`."""
     return x.reshape(x.shape[:batch_ndim] + (-1,)).sum(-1)
 
 
@@ -191,7 +198,7 @@ def init_preconditioner(
     beta2: float = BETA2,
     epsilon: float = EPSILON,
 ) -> Preconditioner:
-    """Fresh statistics (``v = 0``, ``P = 1``) shaped for ``position``."""
+    """Fresh statistics (`v = 0`, `P = 1`) shaped for `position`."""
     check_precondition(kind)
     if kind == "diagonal":
         second = {k: torch.zeros_like(v[(0,) * batch_ndim]) for k, v in position.items()}
@@ -205,9 +212,9 @@ def init_preconditioner(
 
 
 def accumulate(precond: Preconditioner, grad: Position, batch_ndim: int = 0) -> Preconditioner:
-    """Fold one gradient into the running moments (``P`` itself is unchanged).
+    """Fold one gradient into the running moments (`P` itself is unchanged).
 
-    ``"diagonal"`` averages ``g²`` over the chain dimensions first, so all chains
+    `"diagonal"` averages `g²` over the chain dimensions first, so all chains
     share one estimate per coordinate; the per-chain kinds keep one per chain.
     """
     if precond.kind is None:
@@ -225,7 +232,7 @@ def accumulate(precond: Preconditioner, grad: Position, batch_ndim: int = 0) -> 
 
 
 def refresh(precond: Preconditioner) -> Preconditioner:
-    """Set ``P = 1 / (sqrt(v / (1 - β2^n)) + λ)`` from the current statistics."""
+    """Set `P = 1 / (sqrt(v / (1 - β2^n)) + λ)` from the current statistics."""
     if precond.kind is None or precond.count == 0:
         return precond
     correction = 1.0 - precond.beta2**precond.count
@@ -237,7 +244,7 @@ def refresh(precond: Preconditioner) -> Preconditioner:
 
 
 def _drift_direction(precond: Preconditioner, grad: Position) -> Position:
-    """The vector multiplied by ``P`` in the drift: ``g``, or ``m̂`` for ``"adam"``."""
+    """The vector multiplied by `P` in the drift: `g`, or `m̂` for `"adam"`."""
     if precond.kind != "adam":
         return grad
     correction = 1.0 - precond.beta1**precond.count
@@ -251,7 +258,7 @@ def _scale_of(precond: Preconditioner, name: str, like: torch.Tensor) -> torch.T
 def _log_proposal(
     to: Position, frm: Position, grad_frm: Position, precond, step_size: float, batch_ndim: int
 ) -> torch.Tensor:
-    """``log q(to | frm)`` up to a constant that cancels (``P`` is the same both ways)."""
+    """`log q(to | frm)` up to a constant that cancels (`P` is the same both ways)."""
     total = 0.0
     for name, x in to.items():
         scale = _scale_of(precond, name, x)
@@ -268,7 +275,7 @@ def init(
     batch_ndim: int = 0,
     precond: Optional[Preconditioner] = None,
 ) -> LangevinState:
-    """Start chains at ``position``; reuse ``precond`` (e.g. a shared diagonal) if given."""
+    """Start chains at `position`; reuse `precond` (e.g. a shared diagonal) if given."""
     potential, grad = potential_and_grad(position)
     if precond is None:
         precond = init_preconditioner(precondition, position, batch_ndim)
@@ -276,21 +283,21 @@ def init(
 
 
 def standard_normal(like: Position, generator: Optional[torch.Generator] = None) -> Position:
-    """``ξ ~ N(0, I)`` shaped like each tensor of ``like``, from the default RNG or
-    from a (CPU) ``generator``."""
+    """`ξ ~ N(0, I)` shaped like each tensor of `like`, from the default RNG or
+    from a (CPU) `generator`."""
     if generator is None:
         return {name: torch.randn_like(z) for name, z in like.items()}
     return {name: torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) for name, z in like.items()}
 
 
 def propose(state: LangevinState, step_size: float, batch_ndim: int = 0, noise: Optional[Position] = None):
-    """The Langevin proposal ``z - η P ⊙ d + sqrt(2ηP) ⊙ ξ`` from ``state``.
+    """The Langevin proposal `z - η P ⊙ d + sqrt(2ηP) ⊙ ξ` from `state`.
 
-    Returns ``(precond, direction, proposal, noise)``: the preconditioner used
+    Returns `(precond, direction, proposal, noise)`: the preconditioner used
     (the per-chain kinds first fold in the current gradient), the drift direction
-    ``d`` (the gradient, or ``m̂`` for ``"adam"``), the proposed position and the
-    noise ``ξ`` (so ``log q(z'|z) = -‖ξ‖²/2 + const``), drawn by
-    :func:`standard_normal` unless given.
+    `d` (the gradient, or `m̂` for `"adam"`), the proposed position and the
+    noise `ξ` (so `log q(z'|z) = -‖ξ‖²/2 + const`), drawn by
+    [`standard_normal`][pyro_lpc.langevin.standard_normal] unless given.
     """
     precond = state.precond
     if precond.kind in ("rmsprop", "adam"):
@@ -312,11 +319,11 @@ def step(
     adjust: bool = False,
     batch_ndim: int = 0,
 ) -> "tuple[LangevinState, LangevinInfo]":
-    """One Langevin step (ULA, or MALA when ``adjust``) from ``state``.
+    """One Langevin step (ULA, or MALA when `adjust`) from `state`.
 
     For the per-chain preconditioners the statistics are first updated with the
-    current gradient (``v_k`` from ``g_k``), then ``P_k`` is used for the move.
-    Non-finite proposals (potential or gradient) are reported in ``info.diverged``
+    current gradient (`v_k` from `g_k`), then `P_k` is used for the move.
+    Non-finite proposals (potential or gradient) are reported in `info.diverged`
     and rejected, under ULA too: such a chain stays where it was.
     """
     check_precondition(state.precond.kind, adjust)
@@ -331,8 +338,8 @@ def step(
 
 
 def where(mask: torch.Tensor, new: LangevinState, old: LangevinState, batch_ndim: int = 0) -> LangevinState:
-    """Chains where ``mask`` (chain-shaped) holds take ``new``'s position, potential and
-    gradient, the others keep ``old``'s; the preconditioner and step count are ``new``'s."""
+    """Chains where `mask` (chain-shaped) holds take `new`'s position, potential and
+    gradient, the others keep `old`'s; the preconditioner and step count are `new`'s."""
     return new._replace(
         position={k: select(mask, v, old.position[k], batch_ndim) for k, v in new.position.items()},
         potential=torch.where(mask, new.potential, old.potential),
@@ -350,9 +357,9 @@ def finite(potential: torch.Tensor, grad: Position, batch_ndim: int = 0) -> torc
 
 def accept_probability(state: LangevinState, proposal: Position, noise: Position, new_potential: torch.Tensor,
                        new_grad: Position, precond: Preconditioner, step_size: float, batch_ndim: int = 0):
-    """The MALA acceptance probability of ``proposal``, drawn from ``state`` with ``noise`` and
-    ``precond`` by :func:`propose`, and whether it diverged (non-finite ``U`` or ``∇U`` there,
-    acceptance 0): ``α = min(1, exp(U(z) - U(z') + log q(z | z') - log q(z' | z)))``."""
+    """The MALA acceptance probability of `proposal`, drawn from `state` with `noise` and
+    `precond` by [`propose`][pyro_lpc.langevin.propose], and whether it diverged (non-finite `U` or `∇U` there,
+    acceptance 0): `α = min(1, exp(U(z) - U(z') + log q(z | z') - log q(z' | z)))`."""
     diverged = ~finite(new_potential, new_grad, batch_ndim)
     log_ratio = (
         state.potential
@@ -364,6 +371,6 @@ def accept_probability(state: LangevinState, proposal: Position, noise: Position
 
 
 def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch_ndim: int) -> torch.Tensor:
-    """``where(mask, a, b)`` with ``mask`` of the chain shape broadcast over event dims."""
+    """`where(mask, a, b)` with `mask` of the chain shape broadcast over event dims."""
     mask = mask.reshape(mask.shape + (1,) * (a.dim() - batch_ndim))
     return torch.where(mask, a, b)

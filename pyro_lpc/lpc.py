@@ -1,13 +1,13 @@
-r"""``LPC``: one Langevin Predictive Coding iteration per call, shaped like ``pyro.infer.SVI``.
+r"""`LPC`: one Langevin Predictive Coding iteration per call, shaped like `pyro.infer.SVI`.
 
-For each mini-batch ``x`` (docs: Concepts, "The algorithm"):
+For each mini-batch `x` (docs: Concepts, "The algorithm"):
 
-1. start chains at ``z_0 ~ q_φ(z | x)`` (or the prior, encoder-free);
-2. take ``K`` preconditioned Langevin steps on ``U_θ(z) = -log p_θ(x, z)``
-   (:mod:`pyro_lpc.chains`; ``K`` fixed or adapted per mini-batch,
-   :mod:`pyro_lpc.schedule`; with ``K = 0`` θ steps on the guide's draws);
-3. step θ on ``-mean_k log p_θ(x, z_k)`` over the kept samples (z detached);
-4. step φ on the warm-start objective (:mod:`pyro_lpc.warm_start`).
+1. start chains at `z_0 ~ q_φ(z | x)` (or the prior, encoder-free);
+2. take `K` preconditioned Langevin steps on `U_θ(z) = -log p_θ(x, z)`
+   ([`pyro_lpc.chains`][pyro_lpc.chains]; `K` fixed or adapted per mini-batch,
+   [`pyro_lpc.schedule`][pyro_lpc.schedule]; with `K = 0` θ steps on the guide's draws);
+3. step θ on `-mean_k log p_θ(x, z_k)` over the kept samples (z detached);
+4. step φ on the warm-start objective (`pyro_lpc.warm_start`).
 
 **Local and global latents.** Latent sites inside the data plate are *local*:
 each data point gets its own chain, started afresh every mini-batch, and its
@@ -15,19 +15,19 @@ drift uses the per-point energy (its own prior and likelihood only — Pyro's N/
 subsampling scale is right for θ, wrong for a data point's posterior; see
 **Scales**). Sites outside it are *global*: one persistent chain carried across
 mini-batches, driven by the *scaled* mini-batch energy (stochastic-gradient
-Langevin, unpreconditioned, step ``step_size / N`` by default). Global chains
+Langevin, unpreconditioned, step `step_size / N` by default). Global chains
 are never Metropolis-adjusted (a mini-batch energy admits no exact test), so
-``adjust=True`` requires all latents to be local. The data plate is the
+`adjust=True` requires all latents to be local. The data plate is the
 outermost plate shared by all observed sites, or the one named by
-``data_plate``.
+`data_plate`.
 
 **Scales.** A site's Pyro scale is the product of subsampling factors (N/B of the
 data plate, and of an inner subsampled plate) and the user's own
-(``poutine.scale``: β-VAE or annealing weights, tempering). The local chains'
+(`poutine.scale`: β-VAE or annealing weights, tempering). The local chains'
 per-point energy divides out the subsampling factors only; θ's step and the
-global chain see Pyro's full scales, as ``SVI`` and Pyro's HMC potential do. A
+global chain see Pyro's full scales, as `SVI` and Pyro's HMC potential do. A
 site outside the data plate whose log-density depends on local latents couples
-the data points and is refused (:meth:`~pyro_lpc.potential.SplitEnergy.check_factorises`).
+the data points and is refused ([`check_factorises`][pyro_lpc.potential.SplitEnergy.check_factorises]).
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ from .warm_start import WarmStart, check_guide_sites
 
 
 class NonFiniteError(RuntimeError):
-    """Training hit a non-finite log-joint or gradient; ``result`` holds what was done so far
-    (a :class:`~pyro_lpc.FitResult` when raised through :func:`~pyro_lpc.fit`)."""
+    """Training hit a non-finite log-joint or gradient; `result` holds what was done so far
+    (a [`FitResult`][pyro_lpc.FitResult] when raised through [`fit`][pyro_lpc.fit.fit])."""
 
     def __init__(self, message, result=None):
         super().__init__(message)
@@ -57,75 +57,79 @@ class NonFiniteError(RuntimeError):
 
 
 class LPC:
-    r"""Langevin Predictive Coding, one mini-batch per :meth:`step`, as ``pyro.infer.SVI``.
+    r"""Langevin Predictive Coding, one mini-batch per [`step`][pyro_lpc.LPC.step], as `pyro.infer.SVI`.
 
-    ``step(*args, **kwargs)`` runs the model's chains on one mini-batch (the model's
-    arguments), takes one ``optim`` step on θ and one ``guide_optim`` step on φ, and
-    returns the iteration's figures. :func:`~pyro_lpc.fit` is a loop over it; write
+    `step(*args, **kwargs)` runs the model's chains on one mini-batch (the model's
+    arguments), takes one `optim` step on θ and one `guide_optim` step on φ, and
+    returns the iteration's figures. [`fit`][pyro_lpc.fit.fit] is a loop over it; write
     your own for learning-rate schedules, callbacks or evaluation on the way.
 
-    :param model: a Pyro model; θ is every ``pyro.param``/``pyro.module`` it uses.
-    :param guide: an amortised guide (or a :class:`~pyro_lpc.WarmStart`); φ is its
-        parameters that are not also the model's. ``None``: encoder-free (chains
-        start from the prior).
-    :param optim: a ``pyro.optim`` optimiser for θ (a ``pyro.optim`` LR scheduler too:
-        step it yourself, e.g. once per epoch).
-    :param guide_optim: the same for φ (default Adam, lr 1e-3).
-    :param num_steps: Langevin steps K per mini-batch: an int (0: θ steps on the
-        guide's draws; needs a guide with the reverse or Jeffreys objective),
-        ``"auto"`` (:class:`~pyro_lpc.schedule.AdaptiveSteps`) or an
-        :class:`~pyro_lpc.schedule.AdaptiveSteps` (copied: the object passed in is
-        not changed). Models with global latents run at least one step.
-    :param float step_size: Langevin step size η of the local chains (the initial
-        one with ``target_accept_prob``). After an iteration with divergent steps
-        it is halved.
-    :param float target_accept_prob: adapt η after every iteration so that the local
-        chains' mean MALA acceptance probability tracks this value
-        (:class:`~pyro_lpc.schedule.StepSizeAdaptation`); ``None``: η fixed.
-    :param float global_step_size: step size of the global chain, plain SGLD
-        (default ``step_size / N``, N the data plate's full size).
-    :param precondition: ``"diagonal"`` (shared by all chains, carried across
-        mini-batches, constant within a chain), ``"rmsprop"``/``"adam"`` (the
-        paper's per-chain forms, ULA only) or ``None``.
-    :param bool adjust: Metropolis-adjust the local chains (MALA).
-    :param str warm_start: the guide's objective, ``"forward"``, ``"reverse"``
-        or ``"jeffreys"`` (ignored when ``guide`` is a ``WarmStart``).
-    :param keep: which samples feed θ: ``"last"`` (default), ``"all"``, an int
-        burn-in or a ``slice`` of the K samples (``slice(4, None, 5)``: every 5th).
-    :param str data_plate: name of the plate over data points (default: the
-        outermost plate shared by the observed sites).
-    :param bool jit_compile: record the local chains' energy *and its gradient*
-        once per batch shape as one graph (:mod:`pyro_lpc.compiled`) and replay it
-        instead of re-running the model under Pyro and autograd (as Pyro's HMC
-        ``jit_compile``). The model's control flow must depend on shapes only.
-    :param dict jit_options: with ``jit_compile``, also compile the recording with
-        ``torch.compile(**jit_options)`` (``{}``: Inductor's defaults;
-        ``{"mode": "reduce-overhead"}``: CUDA graphs on a GPU).
-    :param generator: a CPU ``torch.Generator`` for the global chain's noise
-        (drawn alike on every process under ``torchrun``); default: one seeded
-        from torch's random stream.
+    Args:
+        model: a Pyro model; θ is every `pyro.param`/`pyro.module` it uses.
+        guide: an amortised guide (or a [`WarmStart`][pyro_lpc.WarmStart]); φ is its
+            parameters that are not also the model's. `None`: encoder-free (chains
+            start from the prior).
+        optim: a `pyro.optim` optimiser for θ (a `pyro.optim` LR scheduler too:
+            step it yourself, e.g. once per epoch).
+        guide_optim: the same for φ (default Adam, lr 1e-3).
+        num_steps: Langevin steps K per mini-batch: an int (0: θ steps on the
+            guide's draws; needs a guide with the reverse or Jeffreys objective),
+            `"auto"` ([`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps]) or an
+            [`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps] (copied: the object passed in is
+            not changed). Models with global latents run at least one step.
+        step_size (float): Langevin step size η of the local chains (the initial
+            one with `target_accept_prob`). After an iteration with divergent steps
+            it is halved.
+        target_accept_prob (float): adapt η after every iteration so that the local
+            chains' mean MALA acceptance probability tracks this value
+            ([`StepSizeAdaptation`][pyro_lpc.schedule.StepSizeAdaptation]); `None`: η fixed.
+        global_step_size (float): step size of the global chain, plain SGLD
+            (default `step_size / N`, N the data plate's full size).
+        precondition: `"diagonal"` (shared by all chains, carried across
+            mini-batches, constant within a chain), `"rmsprop"`/`"adam"` (the
+            paper's per-chain forms, ULA only) or `None`.
+        adjust (bool): Metropolis-adjust the local chains (MALA).
+        warm_start (str): the guide's objective, `"forward"`, `"reverse"`
+            or `"jeffreys"` (ignored when `guide` is a `WarmStart`).
+        keep: which samples feed θ: `"last"` (default), `"all"`, an int
+            burn-in or a `slice` of the K samples (`slice(4, None, 5)`: every 5th).
+        data_plate (str): name of the plate over data points (default: the
+            outermost plate shared by the observed sites).
+        jit_compile (bool): record the local chains' energy *and its gradient*
+            once per batch shape as one graph ([`pyro_lpc.compiled`][pyro_lpc.compiled]) and replay it
+            instead of re-running the model under Pyro and autograd (as Pyro's HMC
+            `jit_compile`). The model's control flow must depend on shapes only.
+        jit_options (dict): with `jit_compile`, also compile the recording with
+            `torch.compile(**jit_options)` (`{}`: Inductor's defaults;
+            `{"mode": "reduce-overhead"}`: CUDA graphs on a GPU).
+        generator: a CPU `torch.Generator` for the global chain's noise
+            (drawn alike on every process under `torchrun`); default: one seeded
+            from torch's random stream.
 
-    Example, with a learning-rate schedule and an evaluation every 10 steps::
+    Example, with a learning-rate schedule and an evaluation every 10 steps:
 
-        >>> import pyro, pyro.distributions as dist, torch
-        >>> from pyro_lpc import LPC
-        >>> def model(x):
-        ...     w = pyro.param("w", torch.ones(2))
-        ...     with pyro.plate("data", x.shape[0]):
-        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        ...         pyro.sample("x", dist.Normal(z[:, None] * w, 0.5).to_event(1), obs=x)
-        >>> scheduler = pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam,
-        ...                                       "optim_args": {"lr": 0.01}, "gamma": 0.9})
-        >>> lpc = LPC(model, None, scheduler, num_steps=5)
-        >>> data = torch.randn(64, 2)
-        >>> for epoch in range(2):
-        ...     for i, x in enumerate(data.split(16)):
-        ...         figures = lpc.step(x)
-        ...         if i % 10 == 0:
-        ...             pass  # evaluate, log figures["log_joint"], ...
-        ...     scheduler.step()
-        >>> sorted(figures)[:4]
-        ['divergences', 'energy_drop', 'guide_loss', 'iteration']
+    ```python
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> from pyro_lpc import LPC
+    >>> def model(x):
+    ...     w = pyro.param("w", torch.ones(2))
+    ...     with pyro.plate("data", x.shape[0]):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z[:, None] * w, 0.5).to_event(1), obs=x)
+    >>> scheduler = pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam,
+    ...                                       "optim_args": {"lr": 0.01}, "gamma": 0.9})
+    >>> lpc = LPC(model, None, scheduler, num_steps=5)
+    >>> data = torch.randn(64, 2)
+    >>> for epoch in range(2):
+    ...     for i, x in enumerate(data.split(16)):
+    ...         figures = lpc.step(x)
+    ...         if i % 10 == 0:
+    ...             pass  # evaluate, log figures["log_joint"], ...
+    ...     scheduler.step()
+    >>> sorted(figures)[:4]
+    ['divergences', 'energy_drop', 'guide_loss', 'iteration']
+
+    ```
     """
 
     def __init__(self, model, guide, optim, *, guide_optim=None, num_steps: Union[int, str, AdaptiveSteps] = 20,
@@ -176,7 +180,7 @@ class LPC:
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What a resumed run needs besides the parameters and optimisers: the sampler state
-        (:class:`~pyro_lpc.chains.SamplerState`), the step sizes, the schedule and adaptation."""
+        ([`SamplerState`][pyro_lpc.chains.SamplerState]), the step sizes, the schedule and adaptation."""
         return {
             **self.state._asdict(),
             "step_size": self.step_size,
@@ -200,14 +204,14 @@ class LPC:
 
     # -- one iteration ---------------------------------------------------------------------
     def step(self, *args, **kwargs) -> Dict[str, Optional[float]]:
-        """One LPC iteration on the mini-batch ``model(*args, **kwargs)``; returns its figures:
-        ``iteration``, ``log_joint`` (mean over kept samples of the scaled mini-batch
-        ``log p(x, z)`` divided by the data plate's full size N: the full-data log-joint per
-        data point), ``guide_loss``, ``step_size``, ``num_steps`` (this iteration's K),
-        ``energy_drop``/``late_energy_drop`` (:class:`~pyro_lpc.chains.ChainsInfo`),
-        ``divergences`` and, with MALA or ``target_accept_prob``, ``accept_rate``. Under
-        ``torchrun`` the figures are those of the global batch. Nothing is updated unless
-        every gradient is finite (:class:`NonFiniteError` otherwise)."""
+        """One LPC iteration on the mini-batch `model(*args, **kwargs)`; returns its figures:
+        `iteration`, `log_joint` (mean over kept samples of the scaled mini-batch
+        `log p(x, z)` divided by the data plate's full size N: the full-data log-joint per
+        data point), `guide_loss`, `step_size`, `num_steps` (this iteration's K),
+        `energy_drop`/`late_energy_drop` ([`ChainsInfo`][pyro_lpc.chains.ChainsInfo]),
+        `divergences` and, with MALA or `target_accept_prob`, `accept_rate`. Under
+        `torchrun` the figures are those of the global batch. Nothing is updated unless
+        every gradient is finite ([`NonFiniteError`][pyro_lpc.NonFiniteError] otherwise)."""
         if not self._synced:
             self._broadcast_params(args, kwargs)
         steps = self.schedule(self.iteration)
@@ -263,11 +267,11 @@ class LPC:
         return figures
 
     def sample_chains(self, *args, num_steps: Optional[int] = None, keep="all", **kwargs):
-        """Run the chains on the batch ``model(*args, **kwargs)`` without training: the global
+        """Run the chains on the batch `model(*args, **kwargs)` without training: the global
         latents held at their current values, nothing of this object's state changed (its
         random draws do advance torch's stream). Returns the batch's
-        :class:`~pyro_lpc.potential.SplitEnergy` and :class:`~pyro_lpc.chains.ChainsInfo`
-        (``keep`` as for the constructor; ``num_steps`` default :attr:`max_steps`)."""
+        [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] and [`ChainsInfo`][pyro_lpc.chains.ChainsInfo]
+        (`keep` as for the constructor; `num_steps` default [`max_steps`][pyro_lpc.LPC.max_steps])."""
         structure, state = self._structure, self.state
         try:
             with torch.no_grad():
@@ -280,7 +284,7 @@ class LPC:
 
     def _adapt(self, accept: Optional[float], late_drop: Optional[float], divergences: int) -> None:
         """After an iteration: the schedule takes its late energy drop, η its acceptance rate;
-        after divergent steps η (and a given ``global_step_size``) is halved."""
+        after divergent steps η (and a given `global_step_size`) is halved."""
         if late_drop is not None:
             self.schedule.update(late_drop)
         if self.adaptation and accept is not None:
@@ -293,9 +297,9 @@ class LPC:
     def _chain_start(self, args, kwargs, reuse_structure=True):
         """Draw chain starts; returns (guide trace or None, SplitEnergy, start values).
 
-        With ``reuse_structure`` and a batch the last one's structure serves
-        (:meth:`_reusable`), the model is not traced here: the last batch's
-        :class:`SplitEnergy` is rebound to this batch and the guide's draws (the
+        With `reuse_structure` and a batch the last one's structure serves
+        (`_reusable`), the model is not traced here: the last batch's
+        [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] is rebound to this batch and the guide's draws (the
         first batch of those shapes was checked against the model)."""
         try:
             if self.warm is not None:
@@ -371,7 +375,7 @@ class LPC:
         self.warm.check(guide_trace, energy.transforms)
 
     def _run_chains(self, energy: SplitEnergy, start, num_steps: int, keep, move_globals: bool):
-        """The chains from ``start`` (:func:`pyro_lpc.chains.run`); ``move_globals=False`` holds
+        """The chains from `start` ([`pyro_lpc.chains.run`][pyro_lpc.chains.run]); `move_globals=False` holds
         the global latents at their current values."""
         local = energy.unconstrain({n: start[n] for n in energy.local})
         move_globals = move_globals and bool(energy.globals)
@@ -399,9 +403,9 @@ class LPC:
         return averaged
 
     def _theta_gradients(self, energy: SplitEnergy, kept):
-        """Accumulate ``∇θ -mean_k log p_θ(x, z_k)`` one sample at a time (memory flat in K).
+        """Accumulate `∇θ -mean_k log p_θ(x, z_k)` one sample at a time (memory flat in K).
 
-        Returns ``(params, grads, mean log-joint, last trace)``; no trace from a recording.
+        Returns `(params, grads, mean log-joint, last trace)`; no trace from a recording.
         """
         params, grads, total, trace = None, None, 0.0, None
         for values in kept:
@@ -414,8 +418,9 @@ class LPC:
     def _guide_gradients(self, energy: SplitEnergy, guide_trace, info: chains.ChainsInfo, args, kwargs, theta):
         """Gradients of the warm-start objective with respect to φ (the guide's own params).
 
-        Where the model allows (:meth:`SplitEnergy.log_joint_from_energy`), the reverse term takes
-        ``log p(x, z_0)`` and its gradient from the chains' start energies instead of
+        Where the model allows
+        ([`SplitEnergy.log_joint_from_energy`][pyro_lpc.potential.SplitEnergy.log_joint_from_energy]), the
+        reverse term takes `log p(x, z_0)` and its gradient from the chains' start energies instead of
         evaluating the model again."""
         if self.warm is None:
             return {}, [], None
@@ -437,13 +442,13 @@ class LPC:
     def _fused_gradients(self, energy: SplitEnergy, guide_trace, start, args, kwargs):
         """Without chains (K = 0), θ's and φ's gradients from one backward pass.
 
-        The kept sample is the guide's draw ``z_0``, and the warm-start objective's
-        reverse term ``log q(z_0) - log p_θ(x, z_0)`` has θ-gradient
-        ``-∇θ log p_θ(x, z_0)``, exactly θ's LPC gradient there (the other terms do
+        The kept sample is the guide's draw `z_0`, and the warm-start objective's
+        reverse term `log q(z_0) - log p_θ(x, z_0)` has θ-gradient
+        `-∇θ log p_θ(x, z_0)`, exactly θ's LPC gradient there (the other terms do
         not involve θ): one model evaluation serves both, as in a VAE. Returns
-        ``None`` where that does not hold (no reverse term, or θ and φ share
-        parameters); otherwise the results of :meth:`_theta_gradients` and
-        :meth:`_guide_gradients`.
+        `None` where that does not hold (no reverse term, or θ and φ share
+        parameters); otherwise the results of `_theta_gradients` and
+        `_guide_gradients`.
         """
         if self.warm is None or self.warm.objective == "forward":
             return None
@@ -465,7 +470,7 @@ class LPC:
         return (theta, grads[:len(theta)], log_p, evaluated["trace"]), (phi, grads[len(theta):], loss.detach())
 
     def _broadcast_params(self, args, kwargs):
-        """Start every rank from rank 0's parameters (as ``DistributedDataParallel`` does)."""
+        """Start every rank from rank 0's parameters (as `DistributedDataParallel` does)."""
         self._synced = True
         if self.group.world_size == 1:
             return
@@ -489,8 +494,8 @@ class LPC:
 
 
 def check_keep(keep, max_steps: int):
-    """``keep`` if it selects samples of a K-step chain (``"all"``, ``"last"``, an int burn-in
-    below ``max_steps`` or a slice), else a ``ValueError`` naming it."""
+    """`keep` if it selects samples of a K-step chain (`"all"`, `"last"`, an int burn-in
+    below `max_steps` or a slice), else a `ValueError` naming it."""
     if keep in ("all", "last"):
         return keep
     if isinstance(keep, slice):
@@ -508,8 +513,8 @@ def check_keep(keep, max_steps: int):
 
 
 def kept_steps(keep, num_steps: int) -> set:
-    """The steps ``k`` (1-based) whose samples feed the θ gradient; the last when
-    ``keep`` selects none of ``num_steps`` (a burn-in or slice beyond a short chain)."""
+    """The steps `k` (1-based) whose samples feed the θ gradient; the last when
+    `keep` selects none of `num_steps` (a burn-in or slice beyond a short chain)."""
     steps = list(range(1, num_steps + 1))
     if keep == "all":
         chosen = steps
@@ -540,7 +545,7 @@ def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
 
 
 def _apply(optim, params: Dict[str, torch.Tensor], grads):
-    """One PyroOptim step on ``params`` with the given gradients."""
+    """One PyroOptim step on `params` with the given gradients."""
     stepped = []
     for p, g in zip(params.values(), grads):
         if g is not None:

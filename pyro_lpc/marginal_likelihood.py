@@ -1,23 +1,24 @@
-r"""Marginal-likelihood estimates: per data point estimates of ``log p_θ(x_i)``
-(:func:`log_marginal_likelihood`) for models whose latent variables are all local to
-the data plate (``p(x, z) = Π_i p(x_i, z_i)``):
+r"""Marginal-likelihood estimates: per data point estimates of `log p_θ(x_i)`
+([`log_marginal_likelihood`][pyro_lpc.marginal_likelihood.log_marginal_likelihood]) for models whose latent
+variables are all local to the data plate (`p(x, z) = Π_i p(x_i, z_i)`):
 
-* ``"iwae"`` — the importance-weighted bound (Burda et al. 2016) with the guide
-  as proposal,
+* `"iwae"` — the importance-weighted bound (Burda et al. 2016) with the guide
+    as proposal,
 
-  .. math::
+    $$
+    \hat L_k(x) = \log \frac1k \sum_{j=1}^k \frac{p(x, z_j)}{q(z_j \mid x)},
+    \qquad z_j \sim q(\cdot \mid x),
+    $$
 
-      \hat L_k(x) = \log \frac1k \sum_{j=1}^k \frac{p(x, z_j)}{q(z_j \mid x)},
-      \qquad z_j \sim q(\cdot \mid x),
+    with `E[\hat L_k] ≤ log p(x)`, the gap non-increasing in `k` and
+    `≈ χ²(p(z|x) ‖ q) / (2k)` for large `k`.
 
-  with ``E[\hat L_k] ≤ log p(x)``, the gap non-increasing in ``k`` and
-  ``≈ χ²(p(z|x) ‖ q) / (2k)`` for large ``k``.
-* ``"ais"`` — annealed importance sampling (Neal 2001) from the guide (or the
-  prior) to the posterior along ``π_β ∝ q(z|x)^{1-β} p(x, z)^β``, with
-  Metropolis-adjusted Langevin transitions from :mod:`pyro_lpc.langevin`
-  (:func:`ais_schedule` gives the β ladder).
+* `"ais"` — annealed importance sampling (Neal 2001) from the guide (or the
+  prior) to the posterior along `π_β ∝ q(z|x)^{1-β} p(x, z)^β`, with
+  Metropolis-adjusted Langevin transitions from [`pyro_lpc.langevin`][pyro_lpc.langevin]
+  ([`ais_schedule`][pyro_lpc.marginal_likelihood.ais_schedule] gives the β ladder).
 
-Sample-quality metrics for images live in :mod:`pyro_lpc.images.sample_quality`.
+Sample-quality metrics for images live in [`pyro_lpc.images.sample_quality`][pyro_lpc.images.sample_quality].
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ PILOT_CHAINS = 10
 
 
 class _Vectorized:
-    """``fn`` run under ``pyro.plate("particles", size, dim=-max_plate_nesting - 1)``."""
+    """`fn` run under `pyro.plate("particles", size, dim=-max_plate_nesting - 1)`."""
 
     def __init__(self, fn, size: int, max_plate_nesting: int):
         self.fn, self.size, self.dim = fn, size, -max_plate_nesting - 1
@@ -63,12 +64,12 @@ class _Plate(NamedTuple):
 
 
 def _plate_log_prob(trace, plate: _Plate, particle_dim: int, sites=None) -> torch.Tensor:
-    """Per data point and particle, ``(B, particles)``: :func:`~pyro_lpc.potential.plate_log_prob`."""
+    """Per data point and particle, `(B, particles)`: [`plate_log_prob`][pyro_lpc.potential.plate_log_prob]."""
     return torch.as_tensor(plate_log_prob(trace, plate.name, (plate.dim, particle_dim), sites))
 
 
 def _check_sites(model_trace, guide_trace, plate: _Plate, method: str) -> None:
-    """Raise a ``ValueError`` unless every latent (and observed) site is local to the data plate
+    """Raise a `ValueError` unless every latent (and observed) site is local to the data plate
     and the guide samples exactly the model's latents, each inside the data plate."""
     latents = latent_sites(model_trace)
     globals_ = [n for n in latents if not in_plate(model_trace.nodes[n], plate.name)]
@@ -143,7 +144,7 @@ def _chunks(total: int, size: int):
 
 
 def _iwae_batch(model, guide, args, kwargs, num_samples, chunk, plate, nesting, method):
-    """``log (1/k) Σ_j w_j`` per data point, ``k = num_samples`` drawn ``chunk`` at a time."""
+    """`log (1/k) Σ_j w_j` per data point, `k = num_samples` drawn `chunk` at a time."""
     particle_dim = -nesting - 1
     running = None
     for size in _chunks(num_samples, chunk):
@@ -166,16 +167,19 @@ def _iwae_batch(model, guide, args, kwargs, num_samples, chunk, plate, nesting, 
 # -- annealed importance sampling -------------------------------------------------------
 def ais_schedule(num_steps: int, schedule: str = "sigmoid", *, delta: float = 4.0,
                  start: float = 1e-4, dtype=torch.float64, device=None) -> torch.Tensor:
-    r"""Inverse temperatures ``0 = β_0 < β_1 < … < β_T = 1`` (``T = num_steps``), shape ``(T + 1,)``.
+    r"""Inverse temperatures `0 = β_0 < β_1 < … < β_T = 1` (`T = num_steps`), shape `(T + 1,)`.
 
-    * ``"sigmoid"`` (Grosse et al. 2015; Wu et al. 2017): ``β̃_t = σ(δ (2t/T − 1))``, rescaled
-      so that ``β_0 = 0`` and ``β_T = 1``; dense at both ends, where ``log p − log q``
+    * `"sigmoid"` (Grosse et al. 2015; Wu et al. 2017): `β̃_t = σ(δ (2t/T − 1))`, rescaled
+      so that `β_0 = 0` and `β_T = 1`; dense at both ends, where `log p − log q`
       changes fastest.
-    * ``"geometric"``: ``β_t = start^{(T − t)/(T − 1)}`` for ``t ≥ 1`` (``β_0 = 0``).
-    * ``"linear"``: ``β_t = t / T``.
+    * `"geometric"`: `β_t = start^{(T − t)/(T − 1)}` for `t ≥ 1` (`β_0 = 0`).
+    * `"linear"`: `β_t = t / T`.
 
+    ```python
     >>> ais_schedule(4, "linear").tolist()
     [0.0, 0.25, 0.5, 0.75, 1.0]
+
+    ```
     """
     num_steps = int(num_steps)
     if num_steps < 1:
@@ -196,7 +200,7 @@ def ais_schedule(num_steps: int, schedule: str = "sigmoid", *, delta: float = 4.
 
 
 class _Terms(NamedTuple):
-    """At one position: ``log p(x, z) + log|J|``, ``log q(z|x) + log|J|`` (``(B, S)``) and their gradients."""
+    """At one position: `log p(x, z) + log|J|`, `log q(z|x) + log|J|` (`(B, S)`) and their gradients."""
 
     log_p: torch.Tensor
     log_q: torch.Tensor
@@ -205,9 +209,9 @@ class _Terms(NamedTuple):
 
 
 class _Tempered:
-    r"""``u ↦ (U_β(u), ∇U_β(u))`` for ``U_β = −[(1 − β)(log q + log|J|) + β(log p + log|J|)]``
-    on chain-first unconstrained positions ``(B, S, …)``. The terms at the last position it
-    was called on are kept in ``last``, so that a temperature change needs no model call."""
+    r"""`u ↦ (U_β(u), ∇U_β(u))` for `U_β = −[(1 − β)(log q + log|J|) + β(log p + log|J|)]`
+    on chain-first unconstrained positions `(B, S, …)`. The terms at the last position it
+    was called on are kept in `last`, so that a temperature change needs no model call."""
 
     def __init__(self, energy: SplitEnergy, guide, args, kwargs, plate: _Plate, particle_dim: int):
         self.energy, self.guide, self.args, self.kwargs = energy, guide, args, kwargs
@@ -261,9 +265,9 @@ def _select_terms(accepted: torch.Tensor, new: _Terms, old: _Terms) -> _Terms:
 
 def _ais_batch(model, guide, args, kwargs, num_samples, chunk, plate, nesting, betas, step_size,
                adjust, adapt, bar):
-    """AIS log-weights per data point and chain, reduced to ``log mean_s w_s``.
+    """AIS log-weights per data point and chain, reduced to `log mean_s w_s`.
 
-    With ``adapt``, a pilot run of a few independent chains first tunes one step size per data
+    With `adapt`, a pilot run of a few independent chains first tunes one step size per data
     point and temperature; the estimate then uses fresh chains with those step sizes frozen.
     """
     particle_dim = -nesting - 1
@@ -282,8 +286,8 @@ def _ais_batch(model, guide, args, kwargs, num_samples, chunk, plate, nesting, b
 
 
 def _start(model, guide, args, kwargs, size, plate, nesting, particle_dim):
-    """``size`` exact draws per data point from ``π_0`` (the guide, or the prior) in unconstrained
-    space, chain-first ``(B, size, ...)``, and the tempered energy over them."""
+    """`size` exact draws per data point from `π_0` (the guide, or the prior) in unconstrained
+    space, chain-first `(B, size, ...)`, and the tempered energy over them."""
     vmodel = _Vectorized(model, size, nesting)
     vguide = _Vectorized(guide, size, nesting) if guide is not None else None
     with torch.no_grad():
@@ -296,11 +300,11 @@ def _start(model, guide, args, kwargs, size, plate, nesting, particle_dim):
 
 @torch.no_grad()  # gradients are taken inside _Tempered only
 def _anneal(start, betas, step_size, etas, adjust, bar):
-    """Run the chains from ``start = (tempered, position)`` along ``betas``.
+    """Run the chains from `start = (tempered, position)` along `betas`.
 
-    Returns the AIS log-weights ``(B, S)`` and the step sizes used, one ``(B,)`` tensor per
-    transition: ``etas`` when given (frozen), else adapted on the fly, per data point, by
-    ``log η += mean_s accept_prob − 0.574``.
+    Returns the AIS log-weights `(B, S)` and the step sizes used, one `(B,)` tensor per
+    transition: `etas` when given (frozen), else adapted on the fly, per data point, by
+    `log η += mean_s accept_prob − 0.574`.
     """
     tempered, position = start
     terms = tempered.terms(position)
@@ -350,85 +354,88 @@ def log_marginal_likelihood(
     max_plate_nesting: Optional[int] = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    r"""Per-data-point estimates of ``log p_θ(x_i)``, shape ``(N,)`` (float64, on the data's device).
+    r"""Per-data-point estimates of `log p_θ(x_i)`, shape `(N,)` (float64, on the data's device).
 
-    Requires every latent site of ``model`` to be *local* — inside the data plate, one
-    latent per data point — so that ``p(x) = Π_i p(x_i)``; global latent sites raise a
-    ``ValueError`` naming them. Densities are the sites' log-probabilities with the user's
-    scales and masks (``poutine.scale``, as Pyro scores the model) but without subsampling's
-    (:func:`~pyro_lpc.potential.site_log_prob`), summed over every site inside the data plate
+    Requires every latent site of `model` to be *local* — inside the data plate, one
+    latent per data point — so that `p(x) = Π_i p(x_i)`; global latent sites raise a
+    `ValueError` naming them. Densities are the sites' log-probabilities with the user's
+    scales and masks (`poutine.scale`, as Pyro scores the model) but without subsampling's
+    ([`site_log_prob`][pyro_lpc.potential.site_log_prob]), summed over every site inside the data plate
     and reduced to the plate dimension. (For a β-VAE's plain likelihood, evaluate the model
     with β = 1.)
 
-    **method="iwae"** (Burda et al. 2016): with ``z_j ~ q(z | x_i)`` the guide (the prior when
-    ``guide=None``) and ``k = num_samples``,
+    **method="iwae"** (Burda et al. 2016): with `z_j ~ q(z | x_i)` the guide (the prior when
+    `guide=None`) and `k = num_samples`,
 
-    .. math::
+    $$
+    \hat L_k(x_i) = \log \frac1k \sum_{j=1}^{k} \exp\big(\log p(x_i, z_j) - \log q(z_j \mid x_i)\big).
+    $$
 
-        \hat L_k(x_i) = \log \frac1k \sum_{j=1}^{k} \exp\big(\log p(x_i, z_j) - \log q(z_j \mid x_i)\big).
-
-    ``E[\hat L_k] ≤ log p(x_i)`` (Jensen), the gap is non-increasing in ``k`` and tends to 0
-    (≈ ``χ²(p(z|x_i) ‖ q)/(2k)``); ``k = 1`` is the ELBO; with the exact posterior as guide
-    every weight equals ``p(x_i)`` and the estimate is exact at any ``k``. The log-sum-exp
+    `E[\hat L_k] ≤ log p(x_i)` (Jensen), the gap is non-increasing in `k` and tends to 0
+    (≈ `χ²(p(z|x_i) ‖ q)/(2k)`); `k = 1` is the ELBO; with the exact posterior as guide
+    every weight equals `p(x_i)` and the estimate is exact at any `k`. The log-sum-exp
     runs in float64.
 
-    **method="ais"** (Neal 2001): ``S = num_samples`` independent chains per data point follow
-    the geometric path ``π_β(z) ∝ q(z|x)^{1-β} p(x, z)^β`` over ``0 = β_0 < … < β_T = 1``
-    (``T = ais_steps``, :func:`ais_schedule`), in the unconstrained space of the latents
-    (``u = T(z)`` with ``T = biject_to(support)``, densities including ``log|det ∂z/∂u|``, as in
-    :class:`~pyro_lpc.potential.SplitEnergy`). With ``z_0 ~ q`` and one Langevin transition
-    (:func:`pyro_lpc.langevin.step`, MALA when ``adjust=True``) leaving ``π_{β_t}`` invariant
-    after each increment ``t < T``,
+    **method="ais"** (Neal 2001): `S = num_samples` independent chains per data point follow
+    the geometric path `π_β(z) ∝ q(z|x)^{1-β} p(x, z)^β` over `0 = β_0 < … < β_T = 1`
+    (`T = ais_steps`, [`ais_schedule`][pyro_lpc.marginal_likelihood.ais_schedule]), in the unconstrained space
+    of the latents (`u = T(z)` with `T = biject_to(support)`, densities including `log|det ∂z/∂u|`, as in
+    [`SplitEnergy`][pyro_lpc.potential.SplitEnergy]). With `z_0 ~ q` and one Langevin transition
+    ([`pyro_lpc.langevin.step`][pyro_lpc.langevin.step], MALA when `adjust=True`) leaving `π_{β_t}` invariant
+    after each increment `t < T`,
 
-    .. math::
+    $$
+    \log w = \sum_{t=1}^{T} (\beta_t - \beta_{t-1}) \big(\log p(x, z_{t-1}) - \log q(z_{t-1} \mid x)\big),
+    \qquad \hat L = \log \frac1S \sum_s w_s .
+    $$
 
-        \log w = \sum_{t=1}^{T} (\beta_t - \beta_{t-1}) \big(\log p(x, z_{t-1}) - \log q(z_{t-1} \mid x)\big),
-        \qquad \hat L = \log \frac1S \sum_s w_s .
-
-    ``E[w] = p(x)``, so ``E[\hat L] ≤ log p(x)``, with a gap that shrinks as ``T`` and ``S``
-    grow; ``ais_steps=1`` is plain importance sampling (the IWAE estimator with ``k = S``).
-    The step size is one ``η_i`` per data point and temperature. With ``adapt_step_size`` a
-    pilot run (``min(10, num_samples // 10)`` chains per point, at least 1) starts at
-    ``step_size`` and moves ``log η_i += ā_i − 0.574`` after every transition (``ā_i``: the
+    `E[w] = p(x)`, so `E[\hat L] ≤ log p(x)`, with a gap that shrinks as `T` and `S`
+    grow; `ais_steps=1` is plain importance sampling (the IWAE estimator with `k = S`).
+    The step size is one `η_i` per data point and temperature. With `adapt_step_size` a
+    pilot run (`min(10, num_samples // 10)` chains per point, at least 1) starts at
+    `step_size` and moves `log η_i += ā_i − 0.574` after every transition (`ā_i`: the
     mean MALA acceptance of the point's pilot chains); the estimate then comes from fresh
     chains with these step sizes frozen, so every transition is fixed in advance of the chains
-    it moves and ``E[w] = p(x)`` holds exactly. (Adapting on the estimating chains' own
-    acceptance instead biases ``\hat L`` *upwards*: measured +0.05 nats on the
-    linear-Gaussian test with one chain per point.) The pilot adds ``ais_steps`` transitions
-    of its few chains per batch. Without adaptation ``η_i = step_size``. ``adjust=False``
-    (ULA) leaves ``π_β`` invariant only up to an
-    ``O(η)`` bias, and then the estimate is no bound.
+    it moves and `E[w] = p(x)` holds exactly. (Adapting on the estimating chains' own
+    acceptance instead biases `\hat L` *upwards*: measured +0.05 nats on the
+    linear-Gaussian test with one chain per point.) The pilot adds `ais_steps` transitions
+    of its few chains per batch. Without adaptation `η_i = step_size`. `adjust=False`
+    (ULA) leaves `π_β` invariant only up to an
+    `O(η)` bias, and then the estimate is no bound.
 
-    **Memory and time.** Samples are drawn ``chunk_size`` at a time in one vectorised model call
-    (``pyro.plate("_lml_particles", chunk_size, dim=-max_plate_nesting-1)`` around model and
+    **Memory and time.** Samples are drawn `chunk_size` at a time in one vectorised model call
+    (`pyro.plate("_lml_particles", chunk_size, dim=-max_plate_nesting-1)` around model and
     guide, so they must broadcast over an extra leading batch dimension, as for Pyro's
-    ``vectorize_particles``). Memory grows as ``chunk_size × batch_size`` model evaluations,
-    time as ``num_samples × N`` (IWAE) or ``num_samples × N × ais_steps`` model-and-gradient
-    evaluations (AIS); the default ``chunk_size`` keeps ``chunk_size × batch_size ≤ 10⁴``.
-    ``chunk_size=1`` gives the smallest memory and the most (slower) calls.
+    `vectorize_particles`). Memory grows as `chunk_size × batch_size` model evaluations,
+    time as `num_samples × N` (IWAE) or `num_samples × N × ais_steps` model-and-gradient
+    evaluations (AIS); the default `chunk_size` keeps `chunk_size × batch_size ≤ 10⁴`.
+    `chunk_size=1` gives the smallest memory and the most (slower) calls.
 
-    :param model: a Pyro model called as ``model(*args, **kwargs)`` on each batch.
-    :param guide: the proposal ``q(z | x)`` (same signature, sampling every latent of the model
-        inside the data plate), or ``None`` for the prior.
-    :param data: a tensor (split along dim 0 into batches of ``batch_size``, all of it when
-        ``None``; ``model(batch)``) or an iterable of batches: a tuple/list gives
-        ``model(*batch)``, a dict ``model(**batch)``, anything else ``model(batch)``.
-    :param num_samples: ``k`` importance samples (IWAE) or ``S`` AIS chains per data point.
-    :param method: ``"iwae"`` or ``"ais"``.
-    :param chunk_size: samples (chains) per vectorised call.
-    :param ais_steps: ``T``, the number of annealing increments.
-    :param schedule: ``"sigmoid"``, ``"geometric"``, ``"linear"``, or the ``β``'s themselves
-        (increasing from 0 to 1; then ``ais_steps`` is ignored).
-    :param step_size: initial Langevin step size ``η`` of AIS.
-    :param adapt_step_size: tune ``η_i`` per temperature towards acceptance 0.574 in a pilot run (AIS).
-    :param adjust: Metropolis-adjust the transitions (MALA); ``False`` for ULA.
-    :param data_plate: the name of the data plate (default: the plate shared by all observations).
-    :param max_plate_nesting: the model's plate nesting (default: read from one model/guide run).
-    :param progress: show a progress bar.
-    :returns: a float64 tensor of shape ``(N,)``: one estimate of ``log p(x_i)`` per data point.
+    Args:
+        model: a Pyro model called as `model(*args, **kwargs)` on each batch.
+        guide: the proposal `q(z | x)` (same signature, sampling every latent of the model
+            inside the data plate), or `None` for the prior.
+        data: a tensor (split along dim 0 into batches of `batch_size`, all of it when
+            `None`; `model(batch)`) or an iterable of batches: a tuple/list gives
+            `model(*batch)`, a dict `model(**batch)`, anything else `model(batch)`.
+        num_samples: `k` importance samples (IWAE) or `S` AIS chains per data point.
+        method: `"iwae"` or `"ais"`.
+        chunk_size: samples (chains) per vectorised call.
+        ais_steps: `T`, the number of annealing increments.
+        schedule: `"sigmoid"`, `"geometric"`, `"linear"`, or the `β`'s themselves
+            (increasing from 0 to 1; then `ais_steps` is ignored).
+        step_size: initial Langevin step size `η` of AIS.
+        adapt_step_size: tune `η_i` per temperature towards acceptance 0.574 in a pilot run (AIS).
+        adjust: Metropolis-adjust the transitions (MALA); `False` for ULA.
+        data_plate: the name of the data plate (default: the plate shared by all observations).
+        max_plate_nesting: the model's plate nesting (default: read from one model/guide run).
+        progress: show a progress bar.
 
-    Example::
+    Returns:
+        a float64 tensor of shape `(N,)`: one estimate of `log p(x_i)` per data point.
 
+    Example:
+        ```python
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro_lpc.marginal_likelihood import log_marginal_likelihood
         >>> def model(x):
@@ -446,6 +453,8 @@ def log_marginal_likelihood(
         >>> est = log_marginal_likelihood(model, None, x, num_samples=100, method="ais", ais_steps=50)
         >>> bool((est.float() - exact).abs().max() < 0.1)
         True
+
+        ```
     """
     if method not in ("iwae", "ais"):
         raise ValueError(f"Unknown method {method!r}; choose 'iwae' or 'ais'.")

@@ -1,19 +1,20 @@
-r"""From a Pyro model to the energy ``U(z) = -log p(x, z)`` in unconstrained space.
+r"""From a Pyro model to the energy `U(z) = -log p(x, z)` in unconstrained space.
 
 Latent sites with a constrained support are sampled in unconstrained space
-``u = T(z)``, exactly as Pyro's HMC does: the energy is
-``U(u) = -log p(x, T⁻¹(u)) - log|det ∂T⁻¹(u)/∂u|``. The construction is
-Pyro's own :func:`pyro.infer.mcmc.util.initialize_model`. Two views of it:
+`u = T(z)`, exactly as Pyro's HMC does: the energy is
+`U(u) = -log p(x, T⁻¹(u)) - log|det ∂T⁻¹(u)/∂u|`. The construction is
+Pyro's own `pyro.infer.mcmc.util.initialize_model`. Two views of it:
 
-* :func:`joint_potential` — the whole model's energy over all its latents, one
-  chain (what ``PCLangevin`` samples), with checks that make failures readable;
-* :class:`SplitEnergy` — one mini-batch's energy *split* by the data plate into
+* [`joint_potential`][pyro_lpc.potential.joint_potential] — the whole model's energy over all its latents, one
+  chain (what `PCLangevin` samples), with checks that make failures readable;
+* [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] — one mini-batch's energy *split* by the data plate into
   one term per data point (the local chains) and the scaled global term (what
-  ``LPC`` and ``fit`` run their chains on), evaluated by a backend
-  (:class:`PyroEvaluation`, or the recorded :class:`~pyro_lpc.compiled.CompiledEnergies`).
+  `LPC` and `fit` run their chains on), evaluated by a backend
+  ([`PyroEvaluation`][pyro_lpc.potential.PyroEvaluation], or the recorded
+  [`CompiledEnergies`][pyro_lpc.compiled.CompiledEnergies]).
 
-Example::
-
+Example:
+    ```python
     >>> import pyro, pyro.distributions as dist, torch
     >>> from pyro_lpc.potential import joint_potential
     >>> def model(y):
@@ -26,6 +27,8 @@ Example::
     ...              + dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.5)))
     >>> bool(torch.isclose(energy, expected))
     True
+
+    ```
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ Position = Dict[str, torch.Tensor]
 
 class JointPotential(NamedTuple):
     """The whole model's energy over all its latents as one chain: initial unconstrained
-    point, energy function and transforms (Pyro's ``initialize_model``)."""
+    point, energy function and transforms (Pyro's `initialize_model`)."""
 
     initial_params: Position
     potential_fn: Callable[[Position], torch.Tensor]
@@ -69,9 +72,9 @@ def joint_potential(
     jit_compile: bool = False,
     ignore_jit_warnings: bool = False,
 ) -> JointPotential:
-    """Build the unconstrained energy of ``model`` with :func:`initialize_model`.
+    """Build the unconstrained energy of `model` with `initialize_model`.
 
-    Raises ``ValueError`` when the model has no continuous latent site.
+    Raises `ValueError` when the model has no continuous latent site.
     """
     init_strategy = init_strategy or init_to_uniform
     try:
@@ -107,19 +110,19 @@ def joint_potential(
 
 
 def constrain(params: Position, transforms: dict) -> Position:
-    """Map unconstrained values to the model's support, ``z = T⁻¹(u)``."""
+    """Map unconstrained values to the model's support, `z = T⁻¹(u)`."""
     return {k: transforms[k].inv(v) if k in transforms else v for k, v in params.items()}
 
 
 def unconstrain(values: Position, transforms: dict) -> Position:
-    """Map constrained values to unconstrained space, ``u = T(z)``."""
+    """Map constrained values to unconstrained space, `u = T(z)`."""
     return {k: transforms[k](v) if k in transforms else v for k, v in values.items()}
 
 
 def nonfinite_sites(model, model_args, model_kwargs, params: Position, transforms: dict) -> List[str]:
-    """Names of the sample sites whose value or log-density is not finite at ``params``.
+    """Names of the sample sites whose value or log-density is not finite at `params`.
 
-    ``params`` are unconstrained values of the latent sites; the model is run
+    `params` are unconstrained values of the latent sites; the model is run
     conditioned on their constrained images and each site's log-density is
     checked (latent and observed alike), so an error can say *where* the joint
     density breaks.
@@ -134,7 +137,7 @@ def nonfinite_sites(model, model_args, model_kwargs, params: Position, transform
 
 
 def nonfinite_in_trace(trace: poutine.Trace) -> List[str]:
-    """Sample sites of ``trace`` whose value or log-density is not finite."""
+    """Sample sites of `trace` whose value or log-density is not finite."""
     bad = []
     with pyro.validation_enabled(False), torch.no_grad():
         for name, site in trace.nodes.items():
@@ -152,13 +155,13 @@ def nonfinite_in_trace(trace: poutine.Trace) -> List[str]:
 
 # -- energies of one mini-batch, for the learning loop ---------------------------------
 def latent_sites(trace: poutine.Trace) -> List[str]:
-    """Names of the unobserved sample sites of ``trace`` (plate subsample sites excluded)."""
+    """Names of the unobserved sample sites of `trace` (plate subsample sites excluded)."""
     return [name for name in trace.stochastic_nodes if not site_is_subsample(trace.nodes[name])]
 
 
 def subsample_factor(site) -> float:
     """The part of a site's Pyro scale that plate subsampling contributes: the product of
-    ``size / subsample_size`` over the subsampled plates holding it (1 if none)."""
+    `size / subsample_size` over the subsampled plates holding it (1 if none)."""
     factor = 1.0
     for frame in reversed(site["cond_indep_stack"]):  # innermost first, in the order Pyro multiplies
         if frame.full_size is not None and frame.full_size != frame.size:
@@ -167,17 +170,17 @@ def subsample_factor(site) -> float:
 
 
 def site_log_prob(site, value: Optional[torch.Tensor] = None) -> torch.Tensor:
-    r"""Log-density of a trace site at ``value`` (default: its own) as one data point's
-    posterior sees it: masked, scaled by the user's factors (``poutine.scale``: β-VAE or
-    annealing weights, tempering) but **not** by subsampling, i.e. ``scale / c`` with
-    ``c`` = :func:`subsample_factor`. The mask is a boolean tensor or, as ``poutine.mask``
+    r"""Log-density of a trace site at `value` (default: its own) as one data point's
+    posterior sees it: masked, scaled by the user's factors (`poutine.scale`: β-VAE or
+    annealing weights, tempering) but **not** by subsampling, i.e. `scale / c` with
+    `c` = [`subsample_factor`][pyro_lpc.potential.subsample_factor]. The mask is a boolean tensor or, as `poutine.mask`
     also allows, a plain bool."""
     log_p = site["fn"].log_prob(site["value"] if value is None else value)
     return scale_and_mask(log_p, site["scale"] / subsample_factor(site), site["mask"])
 
 
 def guide_and_model_traces(model, guide, args, kwargs) -> "tuple[Optional[poutine.Trace], poutine.Trace]":
-    """The guide's trace (``None`` without a guide) and the model's, replayed on the guide's
+    """The guide's trace (`None` without a guide) and the model's, replayed on the guide's
     draws and subsample indices (drawn from its prior without a guide)."""
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs) if guide is not None else None
     model_fn = poutine.replay(model, trace=guide_trace) if guide_trace is not None else model
@@ -185,10 +188,10 @@ def guide_and_model_traces(model, guide, args, kwargs) -> "tuple[Optional[poutin
 
 
 def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
-    """A trace holding only the plate subsample sites of ``trace``, for replay.
+    """A trace holding only the plate subsample sites of `trace`, for replay.
 
     Replaying it makes every evaluation in one iteration see the same
-    mini-batch indices of a ``pyro.plate(..., subsample_size=B)``.
+    mini-batch indices of a `pyro.plate(..., subsample_size=B)`.
     """
     replay = poutine.Trace()
     for name, site in trace.nodes.items():
@@ -198,11 +201,11 @@ def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
 
 
 def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
-    """The plate that indexes data points: the one named ``name``, or else the outermost
+    """The plate that indexes data points: the one named `name`, or else the outermost
     plate shared by every observed site inside a plate (an inner plate, subsampled or
-    not, indexes parts of a data point: pixels, time steps). ``None`` when they share no
+    not, indexes parts of a data point: pixels, time steps). `None` when they share no
     plate. Observed sites outside every plate are not data points (see
-    :meth:`SplitEnergy.coupled_sites`)."""
+    [`SplitEnergy.coupled_sites`][pyro_lpc.potential.SplitEnergy.coupled_sites])."""
     frames = {}
     shared = None  # the plates shared by the observed sites, in an observed site's order (outermost first)
     for site in trace.nodes.values():
@@ -228,12 +231,12 @@ def _is_real(support) -> bool:
 
 
 def in_plate(site, plate_name: str) -> bool:
-    """Whether a trace site lies inside the plate named ``plate_name``."""
+    """Whether a trace site lies inside the plate named `plate_name`."""
     return any(f.name == plate_name for f in site["cond_indep_stack"])
 
 
 def sum_except(value: torch.Tensor, dims) -> torch.Tensor:
-    """Sum a log-density (batch shape) over every dim except ``dims`` (negative, e.g. the
+    """Sum a log-density (batch shape) over every dim except `dims` (negative, e.g. the
     data plate's), which come first in the given order; each has its size or 1 if broadcast."""
     value = value.reshape((1,) * max(0, -min(dims) - value.dim()) + value.shape)
     n = value.dim()
@@ -242,8 +245,9 @@ def sum_except(value: torch.Tensor, dims) -> torch.Tensor:
 
 
 def plate_log_prob(trace: poutine.Trace, plate_name: str, dims, sites=None):
-    """Masked ``Σ_s log p(s_i)`` with the user's scales (:func:`site_log_prob`) over the sample sites of ``trace`` inside the plate
-    (all, or those named in ``sites``), reduced with :func:`sum_except` to ``dims``."""
+    """Masked `Σ_s log p(s_i)` with the user's scales ([`site_log_prob`][pyro_lpc.potential.site_log_prob])
+    over the sample sites of `trace` inside the plate (all, or those named in `sites`), reduced with
+    [`sum_except`][pyro_lpc.potential.sum_except] to `dims`."""
     total = 0.0
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site) or not in_plate(site, plate_name):
@@ -271,28 +275,29 @@ def batch_shapes(args, kwargs) -> list:
 
 class SplitEnergy:
     r"""The energy of a Pyro model on one mini-batch, split by the data plate into one term per
-    data point and a global term, as plain functions of its latents (:func:`joint_potential`
-    is the unsplit energy over all latents, for one chain).
+    data point and a global term, as plain functions of its latents
+    ([`joint_potential`][pyro_lpc.potential.joint_potential] is the unsplit energy over all latents, for one
+    chain).
 
     Latents are split by the data plate: *local* sites (inside it, one chain per
     data point) and *global* sites (outside it, one shared chain). Positions are
     unconstrained; local positions carry the data-point (chain) dimension first.
 
-    * :meth:`local_energy` — per data point ``i``,
-      ``U_i = -Σ_s (s_s / c_s) log p(s_i | ...) - log|J_i|`` over the sites inside
-      the data plate: each site's Pyro scale ``s_s`` (the user's ``poutine.scale``
-      factors times subsampling's) with the subsampling factor ``c_s``
-      (:func:`subsample_factor`: the data plate's N/B and an inner subsampled
+    * [`local_energy`][pyro_lpc.potential.SplitEnergy.local_energy] — per data point `i`,
+      `U_i = -Σ_s (s_s / c_s) log p(s_i | ...) - log|J_i|` over the sites inside
+      the data plate: each site's Pyro scale `s_s` (the user's `poutine.scale`
+      factors times subsampling's) with the subsampling factor `c_s`
+      ([`subsample_factor`][pyro_lpc.potential.subsample_factor]: the data plate's N/B and an inner subsampled
       plate's) divided out. A data point's posterior involves only its own prior
       and likelihood, as the user weighted them; given an inner subsample, the
       chains sample the posterior given the observed part.
-    * :meth:`joint_value_and_grad` — the above and, for the global latents,
-      ``-log p(x, z) - log|J|`` **with** Pyro's scales (a stochastic-gradient
-      estimate of the full-data energy), from one model evaluation.
-    * :meth:`log_joint` — scaled ``log p_θ(x, z)`` with gradients to θ.
-    * :meth:`log_joint_from_energy` — the same at the chains' start, from their
-      energies and gradients, without evaluating the model (where
-      :attr:`energy_scale` is defined).
+    * [`joint_value_and_grad`][pyro_lpc.potential.SplitEnergy.joint_value_and_grad] — the above and, for the
+      global latents, `-log p(x, z) - log|J|` **with** Pyro's scales (a stochastic-gradient estimate of the
+      full-data energy), from one model evaluation.
+    * [`log_joint`][pyro_lpc.potential.SplitEnergy.log_joint] — scaled `log p_θ(x, z)` with gradients to θ.
+    * [`log_joint_from_energy`][pyro_lpc.potential.SplitEnergy.log_joint_from_energy] — the same at the
+      chains' start, from their energies and gradients, without evaluating the model (where `energy_scale` is
+      defined).
     """
 
     def __init__(self, model, args, kwargs, prototype: poutine.Trace, data_plate=None):
@@ -325,10 +330,10 @@ class SplitEnergy:
         self.energy_scale = self._energy_scale(prototype)
 
     def _energy_scale(self, prototype: poutine.Trace) -> Optional[float]:
-        """``c`` such that ``log p(x, z) = -c Σ_i U_i(z)`` exactly, Pyro's scales included, or
-        ``None``. It exists when every sample site lies inside the data plate with the same
-        subsampling factor ``c`` (:func:`subsample_factor`; the user's scales are in ``U_i``)
-        and every latent is local and real-valued (no Jacobian term)."""
+        """`c` such that `log p(x, z) = -c Σ_i U_i(z)` exactly, Pyro's scales included, or
+        `None`. It exists when every sample site lies inside the data plate with the same
+        subsampling factor `c` ([`subsample_factor`][pyro_lpc.potential.subsample_factor]; the user's scales
+        are in `U_i`) and every latent is local and real-valued (no Jacobian term)."""
         if self.plate is None or self.outside:
             return None
         if not all(_is_real(prototype.nodes[name]["fn"].support) for name in self.local):
@@ -339,9 +344,9 @@ class SplitEnergy:
 
     def coupled_sites(self, values: Position) -> List[str]:
         """Sample sites outside the data plate whose log-density depends on the local latents
-        (found by autograd at the constrained ``values``: one model evaluation). Such a site
-        (an observation or ``pyro.factor`` of the whole batch, or a global latent whose
-        distribution reads local ones) couples the data points: ``p(z | x)`` no longer
+        (found by autograd at the constrained `values`: one model evaluation). Such a site
+        (an observation or `pyro.factor` of the whole batch, or a global latent whose
+        distribution reads local ones) couples the data points: `p(z | x)` no longer
         factorises over them, so per-point chains cannot sample it."""
         if not self.local or not self.outside:
             return []
@@ -358,7 +363,8 @@ class SplitEnergy:
         return coupled
 
     def check_factorises(self, values: Position) -> None:
-        """Raise a ``ValueError`` naming the sites found by :meth:`coupled_sites`."""
+        """Raise a `ValueError` naming the sites found by
+        [`coupled_sites`][pyro_lpc.potential.SplitEnergy.coupled_sites]."""
         coupled = self.coupled_sites(values)
         if coupled:
             raise ValueError(
@@ -371,12 +377,12 @@ class SplitEnergy:
 
     @property
     def shapes(self):
-        """The shapes of the batch this energy is bound to (see :meth:`rebind`)."""
+        """The shapes of the batch this energy is bound to (see [`rebind`][pyro_lpc.potential.SplitEnergy.rebind])."""
         return batch_shapes(self.args, self.kwargs)
 
     def rebind(self, args, kwargs, replay: poutine.Trace) -> "SplitEnergy":
         """The same model structure (sites, plate, transforms) on another batch of the
-        same shapes, replaying the subsample indices in ``replay``; no model trace."""
+        same shapes, replaying the subsample indices in `replay`; no model trace."""
         energy = copy.copy(self)
         energy.args, energy.kwargs, energy.replay = args, kwargs or {}, replay
         return energy
@@ -387,7 +393,7 @@ class SplitEnergy:
         return {k: u.movedim(self.chain_axis[k], 0) if k in self.chain_axis else u for k, u in out.items()}
 
     def constrain(self, position: Position) -> "tuple[Position, Position]":
-        """Site values and each site's log|det J| (batch shape) for chain-first ``position``."""
+        """Site values and each site's log|det J| (batch shape) for chain-first `position`."""
         values, ladj = {}, {}
         for name, u in position.items():
             if name in self.chain_axis:
@@ -399,15 +405,15 @@ class SplitEnergy:
         return values, ladj
 
     def trace(self, values: Position) -> poutine.Trace:
-        """The model's trace at ``values``. Distribution arguments are not validated
+        """The model's trace at `values`. Distribution arguments are not validated
         here: the prototype trace was, and non-finite energies are caught as divergences."""
         model = poutine.condition(poutine.replay(self.model, trace=self.replay), data=values)
         with pyro.validation_enabled(False):
             return poutine.trace(model).get_trace(*self.args, **self.kwargs)
 
     def _local_terms(self, trace: poutine.Trace, ladj: Position) -> torch.Tensor:
-        """``-Σ log p - log|J|`` per data point over the sites inside the data plate, with the user's
-        scales but not subsampling's (:func:`site_log_prob`)."""
+        """`-Σ log p - log|J|` per data point over the sites inside the data plate, with the user's
+        scales but not subsampling's ([`site_log_prob`][pyro_lpc.potential.site_log_prob])."""
         dims = (self.plate.dim,)
         total = plate_log_prob(trace, self.plate.name, dims)
         for name in self.local:
@@ -415,7 +421,7 @@ class SplitEnergy:
         return -total
 
     def local_energy(self, global_values: Position):
-        """``local position -> U_i`` per data point, with the global latents fixed."""
+        """`local position -> U_i` per data point, with the global latents fixed."""
 
         def energy(position):
             values, ladj = self.constrain(position)
@@ -424,8 +430,8 @@ class SplitEnergy:
         return energy
 
     def joint_value_and_grad(self, local: Position, global_: Position):
-        """One model evaluation giving ``(U_i, ∇_local)`` (unscaled, per data point) and
-        ``(U, ∇_global)`` (scaled, scalar) at the unconstrained ``local``, ``global_``."""
+        """One model evaluation giving `(U_i, ∇_local)` (unscaled, per data point) and
+        `(U, ∇_global)` (scaled, scalar) at the unconstrained `local`, `global_`."""
         leaves = {k: v.detach().requires_grad_(True) for k, v in {**local, **global_}.items()}
         with torch.enable_grad():
             values, ladj = self.constrain(leaves)
@@ -440,16 +446,17 @@ class SplitEnergy:
         return out_local, (u_global.detach(), dict(zip(global_, g_global)))
 
     def log_joint(self, values: Position) -> "tuple[torch.Tensor, poutine.Trace]":
-        """Scaled ``log p_θ(x, z)`` at constrained ``values`` (gradients flow to θ) and its trace."""
+        """Scaled `log p_θ(x, z)` at constrained `values` (gradients flow to θ) and its trace."""
         trace = self.trace(values)
         return trace.log_prob_sum(), trace
 
     def log_joint_from_energy(self, values: Position, potential: torch.Tensor, grad: Position) -> torch.Tensor:
-        r"""Scaled ``log p_θ(x, z)`` at the chains' start ``values`` from the energies ``U_i``
-        and gradients ``∇U`` already computed there, without evaluating the model: the value
-        ``-s Σ_i U_i`` and, through ``values``, the gradient ``-s ∇U`` (:attr:`energy_scale`
-        ``s`` must be defined). So a guide's reparameterised draws get their gradient as
-        from :meth:`log_joint`; θ gets none (the guide's objective does not update θ)."""
+        r"""Scaled `log p_θ(x, z)` at the chains' start `values` from the energies `U_i`
+        and gradients `∇U` already computed there, without evaluating the model: the value
+        `-s Σ_i U_i` and, through `values`, the gradient `-s ∇U` (`energy_scale`
+        `s` must be defined). So a guide's reparameterised draws get their gradient as
+        from [`log_joint`][pyro_lpc.potential.SplitEnergy.log_joint]; θ gets none (the guide's objective does
+        not update θ)."""
         scale = self.energy_scale
         total = -scale * potential.sum()
         for name, g in grad.items():
@@ -465,32 +472,33 @@ class SplitEnergy:
 
 
 def param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
-    """The unconstrained tensors of the ``pyro.param`` sites of ``trace``, by name (what an
+    """The unconstrained tensors of the `pyro.param` sites of `trace`, by name (what an
     optimiser updates)."""
     return {name: site["value"].unconstrained() for name, site in trace.nodes.items() if site["type"] == "param"}
 
 
 class PyroEvaluation:
-    """A :class:`SplitEnergy` evaluated through Pyro: the model is traced and differentiated at
-    every call. The backend ``LPC`` uses unless ``jit_compile`` (then
-    :class:`~pyro_lpc.compiled.CompiledEnergies`, which has the same two methods)."""
+    """A [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] evaluated through Pyro: the model is traced and
+    differentiated at every call. The backend `LPC` uses unless `jit_compile` (then
+    [`CompiledEnergies`][pyro_lpc.compiled.CompiledEnergies], which has the same two methods)."""
 
     #: whether every evaluation traces the model afresh (and so reads its current scales)
     traces_every_call = True
 
     def evaluation(self, energy: "SplitEnergy", global_values: Position, move_globals: bool):
-        """``(local, global_) -> ((U_i, ∇_local), (U, ∇_global))``: with ``move_globals`` (and global
-        latents) both from one model evaluation (:meth:`SplitEnergy.joint_value_and_grad`);
-        otherwise the local energies with the global latents held at ``global_values`` and
-        ``(None, {})`` for the global part."""
+        """`(local, global_) -> ((U_i, ∇_local), (U, ∇_global))`: with `move_globals` (and global
+        latents) both from one model evaluation
+        ([`SplitEnergy.joint_value_and_grad`][pyro_lpc.potential.SplitEnergy.joint_value_and_grad]); otherwise
+        the local energies with the global latents held at `global_values` and `(None, {})` for the global
+        part."""
         if move_globals and energy.globals:
             return energy.joint_value_and_grad
         local_value_and_grad = langevin.value_and_grad(energy.local_energy(global_values))
         return lambda local, global_: (local_value_and_grad(local), (None, {}))
 
     def log_joint_and_grad(self, energy: "SplitEnergy", values: Position):
-        """Scaled ``log p_θ(x, z)`` at constrained ``values`` (detached), the model's parameters
-        ``θ`` by name, their gradients (``None`` where unused) and the trace."""
+        """Scaled `log p_θ(x, z)` at constrained `values` (detached), the model's parameters
+        `θ` by name, their gradients (`None` where unused) and the trace."""
         log_p, trace = energy.log_joint(values)
         params = param_tensors(trace)
         grads = torch.autograd.grad(log_p, list(params.values()), allow_unused=True) \

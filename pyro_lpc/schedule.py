@@ -1,29 +1,31 @@
-r"""How much inference ``fit`` spends per mini-batch: adaptive Langevin steps and step size.
+r"""How much inference `fit` spends per mini-batch: adaptive Langevin steps and step size.
 
-**Steps** (:class:`AdaptiveSteps`, ``fit(num_steps="auto")``). Langevin steps
+**Steps** ([`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps], `fit(num_steps="auto")`). Langevin steps
 pay while they still move the samples to markedly more probable latents. After
-each iteration that ran chains, ``fit`` reports the *late energy drop*
+each iteration that ran chains, `fit` reports the *late energy drop*
 
-.. math:: Δ = \frac{1}{B} \sum_i \big[U_i(z_i^{(\lfloor K/2 \rfloor)}) - U_i(z_i^{(K)})\big]
-   \quad\text{(nats per data point)},
+$$
+Δ = \frac{1}{B} \sum_i \big[U_i(z_i^{(\lfloor K/2 \rfloor)}) - U_i(z_i^{(K)})\big]
+\quad\text{(nats per data point)},
+$$
 
-how much the second half of the chains still lowered the energy (for ``K = 1``
-the drop from the guide's draw ``z^{(0)}``). Chains that have reached their
+how much the second half of the chains still lowered the energy (for `K = 1`
+the drop from the guide's draw `z^{(0)}`). Chains that have reached their
 stationary law no longer lower it (Δ ≈ 0, up to Monte Carlo noise of order
-``sqrt(d / 2B)`` for d latent dimensions); chains still descending from poor
-guide draws do. While ``Δ > tolerance`` ``K`` doubles (up to ``max_steps``);
-when ``Δ < tolerance / 2`` it halves, down to ``min_steps`` (0 by default: θ
+`sqrt(d / 2B)` for d latent dimensions); chains still descending from poor
+guide draws do. While `Δ > tolerance` `K` doubles (up to `max_steps`);
+when `Δ < tolerance / 2` it halves, down to `min_steps` (0 by default: θ
 then steps on the guide's draws, from the same model evaluation as the guide's
-reverse-KL term, like a VAE). At ``K = 0`` nothing is measured, so every
-``probe_every``-th iteration runs ``probe_steps`` steps anyway (its samples also
+reverse-KL term, like a VAE). At `K = 0` nothing is measured, so every
+`probe_every`-th iteration runs `probe_steps` steps anyway (its samples also
 train θ) and the schedule decides again. (The total drop
-``U(z^{(0)}) - U(z^{(K)})``, an estimate of how far the guide still is from the
-chains, is reported in the history as ``energy_drop``.)
+`U(z^{(0)}) - U(z^{(K)})`, an estimate of how far the guide still is from the
+chains, is reported in the history as `energy_drop`.)
 
-**Step size** (:class:`StepSizeAdaptation`, ``fit(target_accept=...)``). The
+**Step size** ([`StepSizeAdaptation`][pyro_lpc.schedule.StepSizeAdaptation], `fit(target_accept=...)`). The
 MALA acceptance probability of a Langevin proposal measures its discretisation
 error (it is computed for ULA too). After each iteration the local step size
-moves as ``log η ← log η + γ (ā − target)``, ``ā`` the mean acceptance
+moves as `log η ← log η + γ (ā − target)`, `ā` the mean acceptance
 probability over the iteration's chains and steps: a constant-gain
 Robbins–Monro recursion, which keeps tracking as θ changes the posterior (the
 kernel's dual averaging, by contrast, converges and freezes).
@@ -38,23 +40,26 @@ from typing import Optional
 class AdaptiveSteps:
     """Langevin steps per mini-batch driven by the late energy drop (module docstring).
 
-    :param int max_steps: most steps per mini-batch.
-    :param int min_steps: fewest (0: θ may step on the guide's draws; ``fit``
-        raises it to 1 without a guide or with ``warm_start="forward"``, where no
-        reverse-KL term trains the guide's draws towards the posterior).
-    :param int initial: steps of the first iteration (default ``max_steps``).
-    :param float tolerance: late energy drop, in nats per data point, above which
-        steps are doubled; below half of it they are halved. The default, 3, was
-        chosen on MNIST (``benchmarks/per_second.py``): with 1 the chains kept
-        K ≈ 16 and the run was 5 nats worse after 6 minutes.
-    :param int probe_every: at ``K = 0``, run chains every this many iterations.
-    :param int probe_steps: steps of such a probe (default ``max(1, max_steps // 4)``).
+    Args:
+        max_steps (int): most steps per mini-batch.
+        min_steps (int): fewest (0: θ may step on the guide's draws; `fit`
+            raises it to 1 without a guide or with `warm_start="forward"`, where no
+            reverse-KL term trains the guide's draws towards the posterior).
+        initial (int): steps of the first iteration (default `max_steps`).
+        tolerance (float): late energy drop, in nats per data point, above which
+            steps are doubled; below half of it they are halved. The default, 3, was
+            chosen on MNIST (`benchmarks/per_second.py`): with 1 the chains kept
+            K ≈ 16 and the run was 5 nats worse after 6 minutes.
+        probe_every (int): at `K = 0`, run chains every this many iterations.
+        probe_steps (int): steps of such a probe (default `max(1, max_steps // 4)`).
 
-    Example::
-
+    Example:
+        ```python
         >>> steps = AdaptiveSteps(max_steps=8, tolerance=1.0)
         >>> [steps(0), steps.update(5.0), steps.update(0.1), steps.update(0.1), steps.update(0.1)]
         [8, 8, 4, 2, 1]
+
+        ```
     """
 
     def __init__(self, max_steps: int = 20, min_steps: int = 0, initial: Optional[int] = None,
@@ -76,7 +81,7 @@ class AdaptiveSteps:
         return max(self.min_steps, min(self.max_steps, steps))
 
     def __call__(self, iteration: int) -> int:
-        """Steps for this iteration (a probe's when due at ``K = 0``)."""
+        """Steps for this iteration (a probe's when due at `K = 0`)."""
         if self.steps > 0:
             return self.steps
         self.since_probe += 1
@@ -86,7 +91,7 @@ class AdaptiveSteps:
         return 0
 
     def update(self, energy_drop: float) -> int:
-        """Take the late energy drop of the chains just run; returns the next ``K``."""
+        """Take the late energy drop of the chains just run; returns the next `K`."""
         if energy_drop > self.tolerance:
             self.steps = self._clip(max(1, 2 * self.steps))
         elif energy_drop < self.tolerance / 2:
@@ -101,7 +106,7 @@ class AdaptiveSteps:
 
 
 class FixedSteps:
-    """``K`` steps at every iteration (``fit(num_steps=K)``)."""
+    """`K` steps at every iteration (`fit(num_steps=K)`)."""
 
     def __init__(self, value: int):
         try:
@@ -126,7 +131,7 @@ class FixedSteps:
 
 
 def steps_schedule(num_steps):
-    """``num_steps`` of ``fit`` as a schedule: an int, ``"auto"`` or an :class:`AdaptiveSteps`."""
+    """`num_steps` of `fit` as a schedule: an int, `"auto"` or an [`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps]."""
     if isinstance(num_steps, AdaptiveSteps):
         return num_steps
     if num_steps == "auto":
@@ -136,22 +141,25 @@ def steps_schedule(num_steps):
 
 def robbins_monro(log_step_size, accept_prob, target: float, gain: float = 1.0):
     """One constant-gain Robbins–Monro move of a log step size towards an acceptance target:
-    ``log η + gain (ā − target)`` (floats or tensors, e.g. one η per data point in AIS)."""
+    `log η + gain (ā − target)` (floats or tensors, e.g. one η per data point in AIS)."""
     return log_step_size + gain * (accept_prob - target)
 
 
 class StepSizeAdaptation:
-    """``log η ← log η + gain (ā − target)`` after each iteration (module docstring).
+    """`log η ← log η + gain (ā − target)` after each iteration (module docstring).
 
-    :param float step_size: initial η.
-    :param float target: target mean MALA acceptance probability, in (0, 1).
-    :param float gain: γ, the change of ``log η`` per unit of acceptance error.
+    Args:
+        step_size (float): initial η.
+        target (float): target mean MALA acceptance probability, in (0, 1).
+        gain (float): γ, the change of `log η` per unit of acceptance error.
 
-    Example::
-
+    Example:
+        ```python
         >>> adapt = StepSizeAdaptation(0.1, target=0.6, gain=1.0)
         >>> round(adapt.update(0.1), 4)   # far too few accepted: η shrinks by e^-0.5
         0.0607
+
+        ```
     """
 
     def __init__(self, step_size: float, target: float, gain: float = 0.1, bounds=(1e-7, 10.0)):

@@ -1,4 +1,4 @@
-r"""The epoch loop shared by :func:`~pyro_lpc.fit` and :func:`~pyro_lpc.baselines.fit_svi`:
+r"""The epoch loop shared by [`fit`][pyro_lpc.fit.fit] and [`fit_svi`][pyro_lpc.baselines.fit_svi]:
 mini-batches, sharding over processes, checkpoints and resuming, the progress bar."""
 from __future__ import annotations
 
@@ -18,22 +18,24 @@ from .warm_start import WarmStart
 
 
 class FitResult:
-    """What ``fit`` did: ``history`` holds one dict per iteration with ``epoch``,
-    ``iteration``, ``log_joint`` (mean over kept samples of the scaled
-    mini-batch ``log p(x, z)`` divided by the number of data points N, i.e. an
-    estimate of the full-data log-joint per data point), ``guide_loss``, ``accept_rate`` (MALA or
-    ``target_accept`` only), ``step_size``, ``num_steps`` (this iteration's K), ``energy_drop``
-    and ``late_energy_drop`` (mean ``U(z_0) - U(z_K)`` and ``U(z_{K/2}) - U(z_K)`` of the local
-    chains, ``None`` without chains; :mod:`pyro_lpc.schedule`) and ``time`` (seconds since the
+    """What `fit` did: `history` holds one dict per iteration with `epoch`,
+    `iteration`, `log_joint` (mean over kept samples of the scaled
+    mini-batch `log p(x, z)` divided by the number of data points N, i.e. an
+    estimate of the full-data log-joint per data point), `guide_loss`, `accept_rate` (MALA or
+    `target_accept` only), `step_size`, `num_steps` (this iteration's K), `energy_drop`
+    and `late_energy_drop` (mean `U(z_0) - U(z_K)` and `U(z_{K/2}) - U(z_K)` of the local
+    chains, `None` without chains; [`pyro_lpc.schedule`][pyro_lpc.schedule]) and `time` (seconds since the
     start, resumed runs included).
-    ``sampler_state`` holds what the sampler carries across mini-batches (the
+    `sampler_state` holds what the sampler carries across mini-batches (the
     shared diagonal preconditioner, the global chain's position and values).
 
-    Example::
-
+    Example:
+        ```python
         >>> result = FitResult([{"iteration": 0, "log_joint": -3.0}, {"iteration": 1, "log_joint": -2.5}], {})
         >>> result["log_joint"]
         [-3.0, -2.5]
+
+        ```
     """
 
     def __init__(self, history: List[dict], sampler_state: dict):
@@ -41,7 +43,7 @@ class FitResult:
         self.sampler_state = sampler_state
 
     def __getitem__(self, key: str) -> List[float]:
-        """One history column, e.g. ``result["log_joint"]``."""
+        """One history column, e.g. `result["log_joint"]`."""
         return [row[key] for row in self.history]
 
     def __repr__(self):
@@ -50,10 +52,10 @@ class FitResult:
 
 
 def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Generator] = None, batch_args=None):
-    """Mini-batches of ``data`` for one epoch, as ``(args, kwargs)``: a tensor is split
-    along dim 0 (shuffled with ``generator``, a CPU generator, unless ``shuffle=False``);
-    an iterable yields tuples (``model(*batch)``), dicts (``model(**batch)``) or
-    single arguments, each first mapped by ``batch_args(batch)`` when given."""
+    """Mini-batches of `data` for one epoch, as `(args, kwargs)`: a tensor is split
+    along dim 0 (shuffled with `generator`, a CPU generator, unless `shuffle=False`);
+    an iterable yields tuples (`model(*batch)`), dicts (`model(**batch)`) or
+    single arguments, each first mapped by `batch_args(batch)` when given."""
     if torch.is_tensor(data):
         if batch_size is None:
             raise ValueError("data is a tensor: give batch_size to split it into mini-batches.")
@@ -79,15 +81,15 @@ def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Genera
 def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generator, progress, checkpoint_dir,
                resume, model, guide, optims, state=None, on_epoch=None, desc="fit", key="log_joint",
                batch_args=None) -> List[dict]:
-    """The epoch loop shared by :func:`fit` and :func:`~pyro_lpc.baselines.fit_svi`.
+    """The epoch loop shared by [`fit`][pyro_lpc.fit.fit] and [`fit_svi`][pyro_lpc.baselines.fit_svi].
 
-    ``step(args, kwargs, iteration, epoch, history)`` trains on one mini-batch and
-    returns its history row (``time`` is added here). Deals this rank its share
-    of each epoch (``group.shard``; a tensor is shuffled with ``generator``; an
-    iterable's batches mapped by ``batch_args``), resumes from and writes (rank 0)
-    a checkpoint after each epoch (params, ``optims``, every rank's RNG states,
-    ``generator``, history and ``state.state_dict()``), and shows a progress bar
-    of ``key`` on rank 0. Bad inputs are refused before anything is trained or written.
+    `step(args, kwargs, iteration, epoch, history)` trains on one mini-batch and
+    returns its history row (`time` is added here). Deals this rank its share
+    of each epoch (`group.shard`; a tensor is shuffled with `generator`; an
+    iterable's batches mapped by `batch_args`), resumes from and writes (rank 0)
+    a checkpoint after each epoch (params, `optims`, every rank's RNG states,
+    `generator`, history and `state.state_dict()`), and shows a progress bar
+    of `key` on rank 0. Bad inputs are refused before anything is trained or written.
     """
     _check_inputs(data, num_epochs, batch_args)
     history: List[dict] = []
@@ -170,8 +172,8 @@ def _check_inputs(data, num_epochs, batch_args) -> None:
 
 
 def _check_call(model, guide, args, kwargs) -> None:
-    """A ``TypeError`` naming ``batch_args`` when a batch's arguments do not fit the
-    signature of ``model`` or ``guide`` (a loader's ``(image, label)`` pairs for ``model(x)``)."""
+    """A `TypeError` naming `batch_args` when a batch's arguments do not fit the
+    signature of `model` or `guide` (a loader's `(image, label)` pairs for `model(x)`)."""
     guide = guide.guide if isinstance(guide, WarmStart) else guide
     for role, fn in (("model", model), ("guide", guide)):
         try:

@@ -1,34 +1,34 @@
 r"""Amortised warm starts for Langevin chains, and the guide's training objectives.
 
-An encoder guide :math:`q_\phi(z \mid x)` gives each chain its start
-:math:`z_0 \sim q_\phi(z \mid x)`. It is trained from the chain's (detached)
-*kept* samples :math:`\{z_k\}_{k \in \mathcal K}` — the same ones θ steps on
-(``fit(keep=...)``; the default ``keep="last"`` is :math:`z_K` alone) — with one of
+An encoder guide $q_\phi(z \mid x)$ gives each chain its start
+$z_0 \sim q_\phi(z \mid x)$. It is trained from the chain's (detached)
+*kept* samples $\{z_k\}_{k \in \mathcal K}$ — the same ones θ steps on
+(`fit(keep=...)`; the default `keep="last"` is $z_K$ alone) — with one of
 
-* ``"forward"``  — KL(p‖q): :math:`L = -\frac{1}{|\mathcal K|} \sum_{k \in \mathcal K} \log q_\phi(z_k \mid x)`;
-* ``"reverse"``  — KL(q‖p): :math:`L = E_q[\log q_\phi(z \mid x) - \log p_\theta(x, z)]`,
+* `"forward"`  — KL(p‖q): $L = -\frac{1}{|\mathcal K|} \sum_{k \in \mathcal K} \log q_\phi(z_k \mid x)$;
+* `"reverse"`  — KL(q‖p): $L = E_q[\log q_\phi(z \mid x) - \log p_\theta(x, z)]$,
   the negative ELBO, reparameterised (only φ is updated by it);
-* ``"jeffreys"`` — their sum, KL(p‖q) + KL(q‖p), the paper's choice.
+* `"jeffreys"` — their sum, KL(p‖q) + KL(q‖p), the paper's choice.
 
-Log-densities carry Pyro's plate scales, exactly as ``Trace_ELBO`` does.
-Training the forward term on every :math:`z_1..z_K` (``keep="all"``) instead of
-:math:`z_K` alone measured a little better per iteration and worse per second:
+Log-densities carry Pyro's plate scales, exactly as `Trace_ELBO` does.
+Training the forward term on every $z_1..z_K$ (`keep="all"`) instead of
+$z_K$ alone measured a little better per iteration and worse per second:
 PPCA with its exact posterior, θ fixed, K = 10, seeds 0 / 1, KL(p‖q) after 300
-iterations 0.165 / 0.115 nats against 0.172 / 0.143 with ``keep="last"``, but at
-the wall time of the ``"last"`` runs (8.7 / 9.1 s) 0.235 / 0.431
-(``benchmarks/forward_kl_samples.py``).
+iterations 0.165 / 0.115 nats against 0.172 / 0.143 with `keep="last"`, but at
+the wall time of the `"last"` runs (8.7 / 9.1 s) 0.235 / 0.431
+(`benchmarks/forward_kl_samples.py`).
 
-**Pyro's autoguides.** ``AutoNormal``, the ``AutoContinuous`` guides
-(``AutoDiagonalNormal``, ``AutoMultivariateNormal``, ...) and ``EasyGuide``
-groups sample *auxiliary* sites (``infer={"is_auxiliary": True}``) in
+**Pyro's autoguides.** `AutoNormal`, the `AutoContinuous` guides
+(`AutoDiagonalNormal`, `AutoMultivariateNormal`, ...) and `EasyGuide`
+groups sample *auxiliary* sites (`infer={"is_auxiliary": True}`) in
 unconstrained space and set each model site they cover to
-``Delta(T⁻¹(a), log_density=-log|J|)``. The chains start from the model sites'
+`Delta(T⁻¹(a), log_density=-log|J|)`. The chains start from the model sites'
 values; the reverse term is Pyro's ELBO of the whole guide trace; the forward
-term is :math:`\log q(z) = \log q_a(a(T(z))) - \log|J|`, evaluated by
+term is $\log q(z) = \log q_a(a(T(z))) - \log|J|$, evaluated by
 conditioning the auxiliary sites on values packed from the chain's samples
-(:func:`auxiliary_sites`). A point-mass guide (``AutoDelta``,
-``EasyGuide.map_estimate``) has no density at the chains' samples: it takes
-``"reverse"`` only (a MAP estimate of the chains' start).
+(`auxiliary_sites`). A point-mass guide (`AutoDelta`,
+`EasyGuide.map_estimate`) has no density at the chains' samples: it takes
+`"reverse"` only (a MAP estimate of the chains' start).
 """
 from __future__ import annotations
 
@@ -48,16 +48,17 @@ OBJECTIVES = ("forward", "reverse", "jeffreys")
 class WarmStart:
     r"""Start Langevin chains from an amortised guide and train it on their samples.
 
-    :param guide: a Pyro guide taking the model's arguments; its latent sites
-        are a subset of the model's (global latents may be left out: ``fit``
-        keeps persistent chains for them).
-    :param str objective: ``"forward"``, ``"reverse"`` or ``"jeffreys"``.
+    Args:
+        guide: a Pyro guide taking the model's arguments; its latent sites
+            are a subset of the model's (global latents may be left out: `fit`
+            keeps persistent chains for them).
+        objective (str): `"forward"`, `"reverse"` or `"jeffreys"`.
 
-    A ``WarmStart`` is itself callable like the guide, so it can be passed as
-    ``PCLangevin(model, init=WarmStart(guide))``.
+    A `WarmStart` is itself callable like the guide, so it can be passed as
+    `PCLangevin(model, init=WarmStart(guide))`.
 
-    Example::
-
+    Example:
+        ```python
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro_lpc import WarmStart
         >>> def guide(x):
@@ -68,6 +69,8 @@ class WarmStart:
         >>> trace = warm.draw((torch.zeros(3),), {})
         >>> warm.forward_loss(trace, [{"z": torch.ones(3)}], (torch.zeros(3),), {}).item() > 0
         True
+
+        ```
     """
 
     def __init__(self, guide, objective: str = "jeffreys"):
@@ -85,7 +88,7 @@ class WarmStart:
 
     @staticmethod
     def values(guide_trace: poutine.Trace) -> Dict[str, torch.Tensor]:
-        """The values a guide trace gives the model's latents (:func:`guide_values`)."""
+        """The values a guide trace gives the model's latents (`guide_values`)."""
         return guide_values(guide_trace)
 
     def draw(self, args, kwargs, replay: Optional[poutine.Trace] = None) -> poutine.Trace:
@@ -97,15 +100,15 @@ class WarmStart:
         self, guide_trace: poutine.Trace, samples: List[Dict[str, torch.Tensor]], args, kwargs,
         transforms: Optional[dict] = None,
     ) -> torch.Tensor:
-        r""":math:`-\frac1S \sum_s \log q_\phi(z_s \mid x)` over the ``S`` given samples.
+        r"""$-\frac1S \sum_s \log q_\phi(z_s \mid x)$ over the `S` given samples.
 
-        With a single latent site the distribution drawn in ``guide_trace``
+        With a single latent site the distribution drawn in `guide_trace`
         is reused for every sample (it depends on x and φ only); otherwise the
         guide is re-run conditioned on each sample, since later sites may
         depend on earlier ones. A guide with auxiliary sites (an autoguide) is
         conditioned on its auxiliary sites instead, packed from the samples'
-        unconstrained values ``transforms[name](z)`` (:func:`auxiliary_sites`;
-        ``transforms`` as :attr:`SplitEnergy.transforms <pyro_lpc.potential.SplitEnergy>`).
+        unconstrained values `transforms[name](z)` (`auxiliary_sites`;
+        `transforms` as [`SplitEnergy.transforms`][pyro_lpc.potential.SplitEnergy]).
         """
         sites = guide_sites(guide_trace)
         packed = auxiliary_sites(guide_trace, transforms)
@@ -127,10 +130,10 @@ class WarmStart:
         return -total / len(samples)
 
     def reverse_loss(self, guide_trace: poutine.Trace, log_joint) -> torch.Tensor:
-        r"""Negative ELBO :math:`\log q_\phi(z_0 \mid x) - \log p_\theta(x, z_0)` at the draw.
+        r"""Negative ELBO $\log q_\phi(z_0 \mid x) - \log p_\theta(x, z_0)$ at the draw.
 
-        ``log_joint(values)`` evaluates the model's scaled log-joint at the
-        guide's (differentiable) values; gradients reach φ through ``z_0``.
+        `log_joint(values)` evaluates the model's scaled log-joint at the
+        guide's (differentiable) values; gradients reach φ through `z_0`.
         """
         for name in latent_sites(guide_trace):  # auxiliary sites included
             if not guide_trace.nodes[name]["fn"].has_rsample:
@@ -141,9 +144,9 @@ class WarmStart:
         return guide_trace.log_prob_sum() - log_joint(guide_values(guide_trace))
 
     def check(self, guide_trace: poutine.Trace, transforms: dict) -> None:
-        """Raise a ``ValueError`` now if the objective is undefined for this guide (a
+        """Raise a `ValueError` now if the objective is undefined for this guide (a
         forward term with a point-mass site, or an auxiliary site the chains' samples
-        do not determine: :func:`auxiliary_sites`)."""
+        do not determine: `auxiliary_sites`)."""
         if self.objective in ("forward", "jeffreys"):
             auxiliary_sites(guide_trace, transforms, verify=True)
 
@@ -158,13 +161,13 @@ class WarmStart:
 
 
 def _scaled_log_prob(site, value: torch.Tensor) -> torch.Tensor:
-    """Pyro's scaled, masked log-density of ``site`` at ``value``, summed (as ``Trace_ELBO``)."""
+    """Pyro's scaled, masked log-density of `site` at `value`, summed (as `Trace_ELBO`)."""
     return scale_and_mask(site["fn"].log_prob(value), site["scale"], site["mask"]).sum()
 
 
 def is_auxiliary(site) -> bool:
-    """Whether a guide site is auxiliary (``infer={"is_auxiliary": True}``): a variable of the
-    guide alone, such as an autoguide's ``mu_unconstrained`` or ``_AutoDiagonalNormal_latent``."""
+    """Whether a guide site is auxiliary (`infer={"is_auxiliary": True}`): a variable of the
+    guide alone, such as an autoguide's `mu_unconstrained` or `_AutoDiagonalNormal_latent`."""
     return bool((site.get("infer") or {}).get("is_auxiliary"))
 
 
@@ -174,13 +177,13 @@ def guide_sites(trace: poutine.Trace) -> List[str]:
 
 
 def guide_values(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
-    """The values a guide trace gives the model's latent sites (:func:`guide_sites`)."""
+    """The values a guide trace gives the model's latent sites (`guide_sites`)."""
     return {name: trace.nodes[name]["value"] for name in guide_sites(trace)}
 
 
 def check_guide_sites(trace: poutine.Trace, latents, required=(), why: str = "", who: str = "The guide") -> None:
-    """Raise a ``ValueError`` when a guide trace samples sites that are not among the model's
-    ``latents`` (auxiliary sites aside), or leaves out a ``required`` latent (``why`` says why
+    """Raise a `ValueError` when a guide trace samples sites that are not among the model's
+    `latents` (auxiliary sites aside), or leaves out a `required` latent (`why` says why
     it is required)."""
     drawn = set(guide_sites(trace))
     unknown = sorted(drawn - set(latents))
@@ -199,9 +202,9 @@ def _is_point_mass(fn) -> bool:
 
 
 def _pack(unconstrained: List[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """``a = concat_s u_s``: each site's unconstrained value flattened to ``shape[:-1] + (-1,)``
+    """`a = concat_s u_s`: each site's unconstrained value flattened to `shape[:-1] + (-1,)`
     (event and per-site batch dims), concatenated along the last dim, as Pyro's
-    ``AutoContinuous._unpack_latent`` and ``easyguide.Group.sample`` unpack it."""
+    `AutoContinuous._unpack_latent` and `easyguide.Group.sample` unpack it."""
     if len(shape) == 0:
         return unconstrained[0].reshape(shape)
     return torch.cat([u.reshape(shape[:-1] + (-1,)) for u in unconstrained], -1)
@@ -210,18 +213,18 @@ def _pack(unconstrained: List[torch.Tensor], shape: torch.Size) -> torch.Tensor:
 def auxiliary_sites(trace: poutine.Trace, transforms: Optional[dict], verify: bool = False) -> Dict[str, List[str]]:
     r"""For each auxiliary site of a guide trace, the model sites it determines.
 
-    Pyro's autoguides sample an auxiliary ``a`` in unconstrained space, then
-    each model site ``s`` it covers as ``Delta(T_s⁻¹(a_s), log_density=-log|J_s|)``,
-    in order: ``AutoNormal`` one ``a = u`` per site, ``AutoContinuous`` guides
-    and ``EasyGuide`` groups one vector ``a = concat_s u_s`` (:func:`_pack`).
+    Pyro's autoguides sample an auxiliary `a` in unconstrained space, then
+    each model site `s` it covers as `Delta(T_s⁻¹(a_s), log_density=-log|J_s|)`,
+    in order: `AutoNormal` one `a = u` per site, `AutoContinuous` guides
+    and `EasyGuide` groups one vector `a = concat_s u_s` (`_pack`).
     So the point-mass sites following an auxiliary site, until their sizes fill
-    it, are its sites, and :math:`\log q(z) = \log q_a(a(T(z))) - \log|J|` is
-    defined at any ``z``. With ``verify``, the packing is checked on the trace's
-    own draw (``transforms[s]`` maps site ``s`` to unconstrained space).
+    it, are its sites, and $\log q(z) = \log q_a(a(T(z))) - \log|J|$ is
+    defined at any `z`. With `verify`, the packing is checked on the trace's
+    own draw (`transforms[s]` maps site `s` to unconstrained space).
 
-    Raises a ``ValueError`` naming the site where :math:`\log q` at the chains'
+    Raises a `ValueError` naming the site where $\log q$ at the chains'
     samples is undefined: a point-mass site no auxiliary site determines
-    (``AutoDelta``, ``EasyGuide.map_estimate``), or an auxiliary site that its
+    (`AutoDelta`, `EasyGuide.map_estimate`), or an auxiliary site that its
     following point masses do not fill (an unknown guide structure).
     """
     packed: Dict[str, List[str]] = {}

@@ -1,14 +1,14 @@
 """The image application: deep latent Gaussian models of images learned with LPC or Pyro's SVI.
 
-:mod:`~pyro_lpc.images.data` (image datasets, the embedded 8×8 digits by default),
-:mod:`~pyro_lpc.images.models` (reference MLP and convolutional decoders/encoders and
-their likelihoods), :mod:`~pyro_lpc.images.sample_quality` (Fréchet distance,
-density/coverage, feature extractors), and the ``pyro-lpc`` command
-(:mod:`~pyro_lpc.images.cli`, writing run directories through
-:mod:`~pyro_lpc.images.runs` and pictures through :mod:`~pyro_lpc.images.plots`).
+[`data`][pyro_lpc.images.data] (image datasets, the embedded 8×8 digits by default),
+[`models`][pyro_lpc.images.models] (reference MLP and convolutional decoders/encoders and
+their likelihoods), [`sample_quality`][pyro_lpc.images.sample_quality] (Fréchet distance,
+density/coverage, feature extractors), and the `pyro-lpc` command
+(`cli`, writing run directories through
+`runs` and pictures through `plots`).
 
-It needs the ``images`` extra (matplotlib, scikit-learn, torchmetrics, prdc) on top of the
-core's dependencies: ``pip install "pyro-lpc[images]"``. The core (``PCLangevin``, ``fit``,
+It needs the `images` extra (matplotlib, scikit-learn, torchmetrics, prdc) on top of the
+core's dependencies: `pip install "pyro-lpc[images]"`. The core (`PCLangevin`, `fit`,
 the marginal-likelihood estimators) never imports this subpackage.
 """
 import importlib.util

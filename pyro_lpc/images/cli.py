@@ -1,21 +1,25 @@
-"""The ``pyro-lpc`` command: train, evaluate and sample image generative models.
+"""The `pyro-lpc` command: train, evaluate and sample image generative models.
 
-    pyro-lpc train [--dataset digits] [--method lpc|vae|iwae] [--model mlp|conv] ... [--out RUN_DIR]
-    pyro-lpc evaluate RUN_DIR
-    pyro-lpc sample RUN_DIR -n 64
+```bash
+pyro-lpc train [--dataset digits] [--method lpc|vae|iwae] [--model mlp|conv] ... [--out RUN_DIR]
+pyro-lpc evaluate RUN_DIR
+pyro-lpc sample RUN_DIR -n 64
+```
 
-``pyro-lpc train`` with no arguments trains on scikit-learn's embedded 8×8
-digits (offline, a few minutes on 2 CPU cores). ``vae`` and ``iwae`` train the
-very same model and guide with Pyro's ``SVI`` (``Trace_ELBO``;
-``RenyiELBO(alpha=0)`` with k particles). A run directory holds
-``config.json``, ``checkpoint.pt``, ``history.jsonl``, ``metrics.json``,
-``samples.png``, ``reconstructions.png`` and ``curves.png``.
+`pyro-lpc train` with no arguments trains on scikit-learn's embedded 8×8
+digits (offline, a few minutes on 2 CPU cores). `vae` and `iwae` train the
+very same model and guide with Pyro's `SVI` (`Trace_ELBO`;
+`RenyiELBO(alpha=0)` with k particles). A run directory holds
+`config.json`, `checkpoint.pt`, `history.jsonl`, `metrics.json`,
+`samples.png`, `reconstructions.png` and `curves.png`.
 
-Several processes train one LPC run data-parallel when launched by ``torchrun``::
+Several processes train one LPC run data-parallel when launched by `torchrun`:
 
-    torchrun --standalone --nproc-per-node 2 -m pyro_lpc train --dataset mnist
+```bash
+torchrun --standalone --nproc-per-node 2 -m pyro_lpc train --dataset mnist
+```
 
-(``--batch-size`` is per process; rank 0 writes the run directory.)
+(`--batch-size` is per process; rank 0 writes the run directory.)
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ def _num_steps(value: str):
 
 
 def _keep(value: str):
-    """``--keep`` as stored in config.json: "all", "last", an int burn-in or "every:N"."""
+    """`--keep` as stored in config.json: "all", "last", an int burn-in or "every:N"."""
     if value in ("all", "last") or value.isdigit() or (value.startswith("every:") and value[6:].isdigit()
                                                         and int(value[6:]) > 0):
         return int(value) if value.isdigit() else value
@@ -67,7 +71,7 @@ def _keep(value: str):
 
 
 def _keep_for_fit(keep):
-    """config.json's ``keep`` as ``fit`` takes it (``every:N`` is the slice of every N-th sample)."""
+    """config.json's `keep` as `fit` takes it (`every:N` is the slice of every N-th sample)."""
     if isinstance(keep, str) and keep.startswith("every:"):
         n = int(keep[6:])
         return slice(n - 1, None, n)

@@ -1,66 +1,68 @@
 r"""Image datasets for training generative models.
 
-:func:`load_dataset` returns an :class:`ImageDataset`, a
-:class:`torch.utils.data.Dataset` whose items are float32 image tensors of shape
-``(C, H, W)`` (or ``(image, label)`` pairs with ``labels=True``), and whose
-``info`` attribute is a :class:`DatasetInfo` (name, image shape, pixel range,
+[`load_dataset`][pyro_lpc.images.data.load_dataset] returns an [`ImageDataset`][pyro_lpc.images.data.ImageDataset], a
+`torch.utils.data.Dataset` whose items are float32 image tensors of shape
+`(C, H, W)` (or `(image, label)` pairs with `labels=True`), and whose
+`info` attribute is a [`DatasetInfo`][pyro_lpc.images.data.DatasetInfo] (name, image shape, pixel range,
 recommended likelihood, number of train/test items, number of grey levels).
 
-Datasets (``name``):
+Datasets (`name`):
 
-* ``"digits"`` — scikit-learn's embedded 8×8 handwritten digits (1,797 images,
-  grey levels 0..16, so ``num_levels = 17``). It ships inside scikit-learn: the
-  offline default, no ``root`` needed. Split: the **first 1,500 images are
+* `"digits"` — scikit-learn's embedded 8×8 handwritten digits (1,797 images,
+  grey levels 0..16, so `num_levels = 17`). It ships inside scikit-learn: the
+  offline default, no `root` needed. Split: the **first 1,500 images are
   "train", the last 297 "test"** (fixed, in scikit-learn's order).
-* ``"mnist"``, ``"fashion-mnist"`` — :class:`torchvision.datasets.MNIST` /
-  ``FashionMNIST`` files in ``<root>/MNIST/raw/`` / ``<root>/FashionMNIST/raw/``
-  (60,000 / 10,000 images of 28×28). The ``.gz`` files alone are enough: they
-  are extracted next to themselves (``root`` must be writable).
-* ``"cifar10"`` — from the first of these found under ``root``:
-  torchvision's original python batches (``<root>/cifar-10-batches-py/``, read by
-  :class:`torchvision.datasets.CIFAR10`); numpy arrays ``train_batch_{1..5}.npz``
-  and ``test_*.npz`` in ``<root>/cifar10/`` or ``<root>/`` (see
-  :func:`images_from_arrays`; with the arrays, ``split="test"`` reads
-  ``test_first1000_exact.npz`` when present — the 1,000 pixel-exact test images —
-  and ``split="test_jpeg_q75"`` the whole, lossy, JPEG-decoded test set); an image
-  folder ``<root>/cifar10/{train,test}/<class>/*.png``.
-* ``"svhn"`` — :class:`torchvision.datasets.SVHN` (``<root>/{train,test,extra}_32x32.mat``, 32×32).
-* ``"celeba"`` — :class:`torchvision.datasets.CelebA` (``<root>/celeba/``),
+* `"mnist"`, `"fashion-mnist"` — `torchvision.datasets.MNIST` /
+  `FashionMNIST` files in `<root>/MNIST/raw/` / `<root>/FashionMNIST/raw/`
+  (60,000 / 10,000 images of 28×28). The `.gz` files alone are enough: they
+  are extracted next to themselves (`root` must be writable).
+* `"cifar10"` — from the first of these found under `root`:
+  torchvision's original python batches (`<root>/cifar-10-batches-py/`, read by
+  `torchvision.datasets.CIFAR10`); numpy arrays `train_batch_{1..5}.npz`
+  and `test_*.npz` in `<root>/cifar10/` or `<root>/` (see
+  [`images_from_arrays`][pyro_lpc.images.data.images_from_arrays]; with the arrays, `split="test"` reads
+  `test_first1000_exact.npz` when present — the 1,000 pixel-exact test images —
+  and `split="test_jpeg_q75"` the whole, lossy, JPEG-decoded test set); an image
+  folder `<root>/cifar10/{train,test}/<class>/*.png`.
+* `"svhn"` — `torchvision.datasets.SVHN` (`<root>/{train,test,extra}_32x32.mat`, 32×32).
+* `"celeba"` — `torchvision.datasets.CelebA` (`<root>/celeba/`),
   centre-cropped to 148×148 and resized to **64×64**; splits train/valid/test/all.
-* ``"folder:PATH"`` — your own images, :func:`images_from_folder`.
-* ``"arrays:PATH"`` — your own numpy arrays, :func:`images_from_arrays`.
+* `"folder:PATH"` — your own images, [`images_from_folder`][pyro_lpc.images.data.images_from_folder].
+* `"arrays:PATH"` — your own numpy arrays, [`images_from_arrays`][pyro_lpc.images.data.images_from_arrays].
 
 Preprocessing (applied per item, in this order):
 
-1. **Scale** to [0, 1]: ``x / max_level`` (255 for 8-bit images, 16 for digits).
-2. **Pad** (``pad_to=32``): zero-pad (black) symmetrically to ``pad_to × pad_to``,
+1. **Scale** to [0, 1]: `x / max_level` (255 for 8-bit images, 16 for digits).
+2. **Pad** (`pad_to=32`): zero-pad (black) symmetrically to `pad_to × pad_to`,
    e.g. MNIST 28×28 → 32×32 for the conv model.
 3. **Binarise** (only for the [0, 1] range, i.e. Bernoulli likelihoods):
-   ``binarize="dynamic"`` (or ``True``) draws every pixel afresh as
-   ``Bernoulli(grey level)`` *each time an item is read*, from torch's global RNG —
-   so ``torch.manual_seed`` makes it reproducible, and each DataLoader worker
-   draws its own stream (PyTorch seeds workers with ``base_seed + worker_id``).
-   ``binarize="static"`` draws once per item from a generator seeded with
-   ``(seed, index)``: the same binary image on every access, in every worker.
-4. **Range**: ``pixel_range=(0, 1)`` keeps [0, 1] (Bernoulli likelihood, the
-   default for grey-scale data) and ``(-1, 1)`` maps ``x -> 2x - 1`` (Gaussian /
-   discretised-Gaussian likelihoods, conv models with a ``tanh`` output; the
-   default for colour data). 8-bit pixels then sit exactly on the ``num_levels``
-   bin centres of :class:`~pyro_lpc.images.models.DiscretizedNormal`
-   (``num_bins=info.num_levels``).
+   `binarize="dynamic"` (or `True`) draws every pixel afresh as
+   `Bernoulli(grey level)` *each time an item is read*, from torch's global RNG —
+   so `torch.manual_seed` makes it reproducible, and each DataLoader worker
+   draws its own stream (PyTorch seeds workers with `base_seed + worker_id`).
+   `binarize="static"` draws once per item from a generator seeded with
+   `(seed, index)`: the same binary image on every access, in every worker.
+4. **Range**: `pixel_range=(0, 1)` keeps [0, 1] (Bernoulli likelihood, the
+   default for grey-scale data) and `(-1, 1)` maps `x -> 2x - 1` (Gaussian /
+   discretised-Gaussian likelihoods, conv models with a `tanh` output; the
+   default for colour data). 8-bit pixels then sit exactly on the `num_levels`
+   bin centres of [`DiscretizedNormal`][pyro_lpc.images.models.DiscretizedNormal]
+   (`num_bins=info.num_levels`).
 
-Missing files raise :class:`FileNotFoundError` naming the expected files and
-directory. Nothing is downloaded unless ``download=True``. ``root=None`` means
-``$PYRO_LPC_DATA`` if set, else ``./data``.
+Missing files raise `FileNotFoundError` naming the expected files and
+directory. Nothing is downloaded unless `download=True`. `root=None` means
+`$PYRO_LPC_DATA` if set, else `./data`.
 
-Example::
-
+Example:
+    ```python
     >>> from torch.utils.data import DataLoader
     >>> from pyro_lpc.images.data import load_dataset
     >>> train = load_dataset("digits", binarize="dynamic")
     >>> train.info.image_shape, len(train), train.info.likelihood
     ((1, 8, 8), 1500, 'bernoulli')
     >>> x = next(iter(DataLoader(train, batch_size=100, shuffle=True)))   # (100, 1, 8, 8)
+
+    ```
 """
 from __future__ import annotations
 
@@ -93,18 +95,19 @@ _COUNTS = {"digits": (1500, 297), "mnist": (60000, 10000), "fashion-mnist": (600
 class DatasetInfo:
     """What a loaded dataset holds and how to model it.
 
-    :ivar name: dataset name (``"mnist"``, ``"folder:/my/images"``, ...).
-    :ivar split: the split loaded.
-    :ivar image_shape: ``(C, H, W)`` of every item, after padding/resizing.
-    :ivar pixel_range: ``(0.0, 1.0)`` or ``(-1.0, 1.0)``.
-    :ivar likelihood: recommended likelihood: ``"bernoulli"`` for [0, 1],
-        ``"discretized_gaussian"`` (``num_bins=num_levels``) for [-1, 1] with
-        integer pixels, ``"gaussian"`` for [-1, 1] float data.
-    :ivar num_train: items in the train split (``None`` if unknown).
-    :ivar num_test: items in the test split (``None`` if unknown).
-    :ivar num_levels: grey levels per channel in the source (256 for 8-bit,
-        17 for digits, ``None`` for float data).
-    :ivar binarize: ``None``, ``"dynamic"`` or ``"static"``.
+    Attributes:
+        name: dataset name (`"mnist"`, `"folder:/my/images"`, ...).
+        split: the split loaded.
+        image_shape: `(C, H, W)` of every item, after padding/resizing.
+        pixel_range: `(0.0, 1.0)` or `(-1.0, 1.0)`.
+        likelihood: recommended likelihood: `"bernoulli"` for [0, 1],
+            `"discretized_gaussian"` (`num_bins=num_levels`) for [-1, 1] with
+            integer pixels, `"gaussian"` for [-1, 1] float data.
+        num_train: items in the train split (`None` if unknown).
+        num_test: items in the test split (`None` if unknown).
+        num_levels: grey levels per channel in the source (256 for 8-bit,
+            17 for digits, `None` for float data).
+        binarize: `None`, `"dynamic"` or `"static"`.
     """
 
     name: str
@@ -119,11 +122,13 @@ class DatasetInfo:
 
 
 class ImageDataset(Dataset):
-    """Images from ``source`` (a dataset of ``(CHW tensor, label)`` with values in
-    ``0..max_value``) preprocessed as the module docstring describes.
+    """Images from `source` (a dataset of `(CHW tensor, label)` with values in
+    `0..max_value`) preprocessed as the module docstring describes.
 
-    Use :func:`load_dataset`, :func:`images_from_arrays` or :func:`images_from_folder`
-    to build one. ``info`` is its :class:`DatasetInfo`; ``source`` the raw dataset.
+    Use [`load_dataset`][pyro_lpc.images.data.load_dataset],
+    [`images_from_arrays`][pyro_lpc.images.data.images_from_arrays] or
+    [`images_from_folder`][pyro_lpc.images.data.images_from_folder] to build one. `info` is its
+    [`DatasetInfo`][pyro_lpc.images.data.DatasetInfo]; `source` the raw dataset.
     """
 
     def __init__(self, source: Dataset, info: DatasetInfo, max_value: float, *, seed: int = 0,
@@ -163,18 +168,21 @@ def load_dataset(name: str, root: Union[str, Path, None] = None, split: str = "t
                  pad_to: Optional[int] = None, seed: int = 0, labels: bool = False) -> ImageDataset:
     """Load a named image dataset (see the module docstring for names, files and preprocessing).
 
-    :param name: one of :data:`DATASETS` (``"folder:PATH"``/``"arrays:PATH"`` for your own data).
-    :param root: directory holding the files (default ``$PYRO_LPC_DATA`` or ``./data``).
-    :param split: ``"train"`` or ``"test"`` (svhn also ``"extra"``, celeba ``"valid"``/``"all"``).
-    :param download: let torchvision download missing files (needs network access).
-    :param binarize: ``None``/``False``, ``"dynamic"``/``True`` or ``"static"``.
-    :param pixel_range: ``(0, 1)`` or ``(-1, 1)``; default (0, 1) for grey-scale
-        data or when binarising, (-1, 1) for colour data.
-    :param pad_to: zero-pad images to ``pad_to × pad_to`` (e.g. 32 for MNIST in the conv model).
-    :param seed: seed (a non-negative int) of ``binarize="static"``.
-    :param labels: return ``(image, label)`` pairs instead of images.
-    :raises FileNotFoundError: the files are missing (the message lists them).
-    :raises ValueError: unknown name or split, or an invalid option.
+    Args:
+        name: one of `DATASETS` (`"folder:PATH"`/`"arrays:PATH"` for your own data).
+        root: directory holding the files (default `$PYRO_LPC_DATA` or `./data`).
+        split: `"train"` or `"test"` (svhn also `"extra"`, celeba `"valid"`/`"all"`).
+        download: let torchvision download missing files (needs network access).
+        binarize: `None`/`False`, `"dynamic"`/`True` or `"static"`.
+        pixel_range: `(0, 1)` or `(-1, 1)`; default (0, 1) for grey-scale
+            data or when binarising, (-1, 1) for colour data.
+        pad_to: zero-pad images to `pad_to × pad_to` (e.g. 32 for MNIST in the conv model).
+        seed: seed (a non-negative int) of `binarize="static"`.
+        labels: return `(image, label)` pairs instead of images.
+
+    Raises:
+        FileNotFoundError: the files are missing (the message lists them).
+        ValueError: unknown name or split, or an invalid option.
     """
     prep = dict(binarize=binarize, pixel_range=pixel_range, pad_to=pad_to, seed=seed, labels=labels)
     for prefix, loader in (("folder:", images_from_folder), ("arrays:", images_from_arrays)):
@@ -201,15 +209,15 @@ def load_dataset(name: str, root: Union[str, Path, None] = None, split: str = "t
 
 def images_from_arrays(path: Union[str, Path], split: str = "train", *, binarize=None, pixel_range=None,
                        pad_to: Optional[int] = None, seed: int = 0, labels: bool = False) -> ImageDataset:
-    """Images from numpy files: ``.npz`` with an image array ``x`` (or a single
-    array) and optional labels ``y``, or ``.npy`` image arrays.
+    """Images from numpy files: `.npz` with an image array `x` (or a single
+    array) and optional labels `y`, or `.npy` image arrays.
 
-    ``x`` is ``(N, H, W)``, ``(N, H, W, C)`` (when ``C`` in 1, 3, 4) or ``(N, C, H, W)``;
-    ``uint8`` (256 levels) or float in [0, 1]. ``path`` is a file (used whatever
-    ``split``) or a directory, where ``split`` selects ``<split>.npz`` (or ``.npy``),
-    else all ``<split>_batch_*.npz`` concatenated in numeric order, else the single
-    ``<split>_*.npz``; ``split`` may also be a file's stem. Takes
-    :func:`load_dataset`'s preprocessing keywords.
+    `x` is `(N, H, W)`, `(N, H, W, C)` (when `C` in 1, 3, 4) or `(N, C, H, W)`;
+    `uint8` (256 levels) or float in [0, 1]. `path` is a file (used whatever
+    `split`) or a directory, where `split` selects `<split>.npz` (or `.npy`),
+    else all `<split>_batch_*.npz` concatenated in numeric order, else the single
+    `<split>_*.npz`; `split` may also be a file's stem. Takes
+    [`load_dataset`][pyro_lpc.images.data.load_dataset]'s preprocessing keywords.
     """
     return _from_arrays(Path(path).expanduser(), split, f"arrays:{path}", binarize=binarize,
                         pixel_range=pixel_range, pad_to=pad_to, seed=seed, labels=labels)
@@ -218,14 +226,14 @@ def images_from_arrays(path: Union[str, Path], split: str = "train", *, binarize
 def images_from_folder(path: Union[str, Path], split: str = "train", size=None, *, grayscale: bool = False,
                        binarize=None, pixel_range=None, pad_to: Optional[int] = None, seed: int = 0,
                        labels: bool = False) -> ImageDataset:
-    """Images from a folder, read by :class:`torchvision.datasets.ImageFolder`.
+    """Images from a folder, read by `torchvision.datasets.ImageFolder`.
 
-    Layout: ``PATH/<class>/*.png`` or image files directly in ``PATH`` (one class);
-    ``PATH/<split>`` is the split when it exists, otherwise the whole folder is the
-    train split (and other splits are missing). ``size``: an int resizes the shorter
-    side to ``size`` and centre-crops a square, ``(h, w)`` resizes to exactly that;
-    without it all images must have the same size. ``grayscale`` gives 1 channel
-    instead of 3 (RGB). Takes :func:`load_dataset`'s preprocessing keywords.
+    Layout: `PATH/<class>/*.png` or image files directly in `PATH` (one class);
+    `PATH/<split>` is the split when it exists, otherwise the whole folder is the
+    train split (and other splits are missing). `size`: an int resizes the shorter
+    side to `size` and centre-crops a square, `(h, w)` resizes to exactly that;
+    without it all images must have the same size. `grayscale` gives 1 channel
+    instead of 3 (RGB). Takes [`load_dataset`][pyro_lpc.images.data.load_dataset]'s preprocessing keywords.
     """
     return _from_folder(Path(path).expanduser(), split, size, grayscale, f"folder:{path}", binarize=binarize,
                         pixel_range=pixel_range, pad_to=pad_to, seed=seed, labels=labels)
@@ -270,7 +278,7 @@ def _check_split(name, split, allowed):
 
 
 def _torchvision(make, error):
-    """Build a torchvision dataset, turning its 'not found' / failed-download errors into ``error``."""
+    """Build a torchvision dataset, turning its 'not found' / failed-download errors into `error`."""
     try:
         return make()
     except (RuntimeError, OSError) as e:
@@ -399,7 +407,7 @@ def _count(file: Path) -> int:
 
 
 def _from_arrays(path: Path, split: str, name: str, aliases=None, **prep):
-    """``aliases`` maps a split to a file stem used instead when that file exists."""
+    """`aliases` maps a split to a file stem used instead when that file exists."""
     def resolve(s):
         a = (aliases or {}).get(s)
         return a if a is not None and (path / f"{a}.npz").is_file() else s
@@ -438,7 +446,7 @@ def _from_arrays(path: Path, split: str, name: str, aliases=None, **prep):
 
 
 class _Folder(ImageFolder):
-    """:class:`~torchvision.datasets.ImageFolder` that also takes images directly in the folder (one class)."""
+    """`ImageFolder` that also takes images directly in the folder (one class)."""
 
     def find_classes(self, directory):
         if any(e.is_dir() for e in os.scandir(directory)):

@@ -6,7 +6,7 @@ import torchvision
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
-    """Save ``(N, C, H, W)`` images in ``[0, 1]`` or ``[-1, 1]`` as one grid picture; images
+    """Save `(N, C, H, W)` images in `[0, 1]` or `[-1, 1]` as one grid picture; images
     smaller than 28 pixels a side are enlarged (nearest neighbour) to stay visible."""
     images = images.detach().cpu().float()
     if images.min() < 0:
@@ -17,7 +17,7 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
 
 
 def plot_curves(history, path: str) -> None:
-    """Plot the per-data-point ``log_joint`` (LPC) or ``elbo`` (SVI) of a training history
+    """Plot the per-data-point `log_joint` (LPC) or `elbo` (SVI) of a training history
     against iterations and seconds."""
     import matplotlib
 

@@ -1,8 +1,8 @@
-"""Run directories of the ``pyro-lpc`` command: where a run goes, its configuration, the
+"""Run directories of the `pyro-lpc` command: where a run goes, its configuration, the
 dataset and model it describes, restoring a trained run and writing its metrics.
 
-A run directory holds ``config.json``, ``checkpoint.pt``, ``history.jsonl``,
-``metrics.json``, ``samples.png``, ``reconstructions.png`` and ``curves.png``.
+A run directory holds `config.json`, `checkpoint.pt`, `history.jsonl`,
+`metrics.json`, `samples.png`, `reconstructions.png` and `curves.png`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ CONFIG, HISTORY, METRICS = "config.json", "history.jsonl", "metrics.json"
 
 
 def default_run_dir(dataset: str, method: str, existing: bool = False) -> str:
-    """``runs/<dataset>-<method>``, or ``-2``, ``-3``...: the first free one, or the
+    """`runs/<dataset>-<method>`, or `-2`, `-3`...: the first free one, or the
     last taken one when resuming."""
     base = os.path.join("runs", f"{dataset}-{method}")
     taken = [base] if os.path.exists(base) else []
@@ -38,8 +38,8 @@ def default_run_dir(dataset: str, method: str, existing: bool = False) -> str:
 
 
 def run_config(out: str, new_config: dict, *, resume: bool = False, epochs: Optional[int] = None) -> dict:
-    """The configuration of a new run in ``out`` (``new_config``; refused if ``out`` already
-    holds a run), or with ``resume`` that of the run there (``epochs`` overriding its number
+    """The configuration of a new run in `out` (`new_config`; refused if `out` already
+    holds a run), or with `resume` that of the run there (`epochs` overriding its number
     of epochs; its checkpoint is read, so a broken run fails before anything is written)."""
     config_path = os.path.join(out, CONFIG)
     if resume:
@@ -83,8 +83,8 @@ def run_data(config: dict, split: str, *, binarize=None, labels: bool = False):
 
 
 def run_model(config: dict, image_shape):
-    """The run's model and guide (:func:`~pyro_lpc.images.models.mlp_model` or
-    :func:`~pyro_lpc.images.models.conv_model`), initialised from the run's seed."""
+    """The run's model and guide ([`mlp_model`][pyro_lpc.images.models.mlp_model] or
+    [`conv_model`][pyro_lpc.images.models.conv_model]), initialised from the run's seed."""
     torch.manual_seed(config["seed"])
     if config["model"] == "conv":
         return conv_model(image_size=image_shape[-1], channels=image_shape[0], latent_dim=config["latent_dim"])
@@ -94,7 +94,7 @@ def run_model(config: dict, image_shape):
 
 
 def data_loader(dataset, batch_size: int, shuffle: bool = True, group=None, seed: int = 0):
-    """Batches of ``dataset``; under torchrun each rank's share through a ``DistributedSampler``."""
+    """Batches of `dataset`; under torchrun each rank's share through a `DistributedSampler`."""
     if group is not None and group.world_size > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank,
                                                       shuffle=shuffle, seed=seed)
@@ -118,9 +118,9 @@ def restore_run(run_dir: str):
 
 
 def evaluate_run(run_dir: str, config: dict, dlgm, train_set, progress: bool = True) -> List[str]:
-    """Write the run's ``metrics.json`` (test IWAE log-likelihood; Fréchet distance and
+    """Write the run's `metrics.json` (test IWAE log-likelihood; Fréchet distance and
     density/coverage in the features of a LeNet trained on the training images),
-    ``samples.png`` and ``reconstructions.png``; returns the run's file names."""
+    `samples.png` and `reconstructions.png`; returns the run's file names."""
     torch.manual_seed(config["seed"])
     test_set = run_data(config, "test", binarize="static")
     test = torch.stack([test_set[i] for i in range(len(test_set))])

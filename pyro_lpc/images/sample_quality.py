@@ -1,8 +1,10 @@
-r"""Sample quality of generated images: :func:`frechet_distance` (torchmetrics' FID on
-given features), :func:`density_coverage` (Naeem et al. 2020, via the ``prdc`` package), a
-LeNet-style :class:`FeatureExtractor` trained on the data set's labels
-(:func:`train_feature_extractor`), :func:`inception_features` (local weights only) and
-:func:`sample_quality`, which combines them.
+r"""Sample quality of generated images: [`frechet_distance`][pyro_lpc.images.sample_quality.frechet_distance]
+(torchmetrics' FID on given features), [`density_coverage`][pyro_lpc.images.sample_quality.density_coverage]
+(Naeem et al. 2020, via the `prdc` package), a LeNet-style
+[`FeatureExtractor`][pyro_lpc.images.sample_quality.FeatureExtractor] trained on the data set's labels
+([`train_feature_extractor`][pyro_lpc.images.sample_quality.train_feature_extractor]),
+[`inception_features`][pyro_lpc.images.sample_quality.inception_features] (local weights only) and
+[`sample_quality`][pyro_lpc.images.sample_quality.sample_quality], which combines them.
 """
 from __future__ import annotations
 
@@ -48,21 +50,24 @@ class _Identity(nn.Module):
 def frechet_distance(real_features, fake_features) -> float:
     r"""Fréchet distance between Gaussians fitted to two feature sets (the FID formula),
 
-    .. math::
+    $$
+    d^2 = \lVert \mu_r - \mu_f \rVert^2 + \operatorname{Tr}\big(\Sigma_r + \Sigma_f
+          - 2 (\Sigma_r \Sigma_f)^{1/2}\big),
+    $$
 
-        d^2 = \lVert \mu_r - \mu_f \rVert^2 + \operatorname{Tr}\big(\Sigma_r + \Sigma_f
-              - 2 (\Sigma_r \Sigma_f)^{1/2}\big),
+    with sample means and unbiased (`n − 1`) covariances. Computed by torchmetrics'
+    `FrechetInceptionDistance` fed an identity "feature extractor" (float64 moments; the
+    matrix square root's trace as `Σ sqrt(eig(Σ_r Σ_f))`), so the numbers match
+    torchmetrics' FID when the features are Inception's. `real_features`, `fake_features`:
+    arrays `(n, d)` (tensor or NumPy), at least 2 rows each.
 
-    with sample means and unbiased (``n − 1``) covariances. Computed by torchmetrics'
-    ``FrechetInceptionDistance`` fed an identity "feature extractor" (float64 moments; the
-    matrix square root's trace as ``Σ sqrt(eig(Σ_r Σ_f))``), so the numbers match
-    torchmetrics' FID when the features are Inception's. ``real_features``, ``fake_features``:
-    arrays ``(n, d)`` (tensor or NumPy), at least 2 rows each.
-
+    ```python
     >>> import torch
     >>> a = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
     >>> round(frechet_distance(a, a), 6), round(frechet_distance(a, a + 2.0), 6)
     (0.0, 12.0)
+
+    ```
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -80,25 +85,28 @@ def frechet_distance(real_features, fake_features) -> float:
 
 def density_coverage(real_features, fake_features, k: int = 5) -> Dict[str, float]:
     r"""Density and coverage (Naeem et al. 2020) — and precision/recall (Kynkäänniemi et al.
-    2019) — of fake samples against real ones, from the authors' ``prdc`` package.
+    2019) — of fake samples against real ones, from the authors' `prdc` package.
 
-    With ``B_k(r_i)`` the ball around real sample ``r_i`` reaching its ``k``-th nearest real
+    With `B_k(r_i)` the ball around real sample `r_i` reaching its `k`-th nearest real
     neighbour,
 
-    .. math::
+    $$
+    \text{density} = \frac{1}{kM} \sum_{j=1}^{M} \sum_{i=1}^{N} 1[f_j \in B_k(r_i)], \qquad
+    \text{coverage} = \frac1N \sum_{i=1}^{N} 1[\exists j: f_j \in B_k(r_i)].
+    $$
 
-        \text{density} = \frac{1}{kM} \sum_{j=1}^{M} \sum_{i=1}^{N} 1[f_j \in B_k(r_i)], \qquad
-        \text{coverage} = \frac1N \sum_{i=1}^{N} 1[\exists j: f_j \in B_k(r_i)].
-
-    For identical distributions ``E[density] = 1`` and ``E[coverage] → 1 − 2^{-k}`` (``N = M``);
+    For identical distributions `E[density] = 1` and `E[coverage] → 1 − 2^{-k}` (`N = M`);
     for disjoint supports both are 0. Density is unbounded above (fakes crowding real modes).
 
+    ```python
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
     >>> r = torch.randn(400, 2, generator=g)
     >>> out = density_coverage(r, r + 100.0)
     >>> out["density"], out["coverage"]
     (0.0, 0.0)
+
+    ```
     """
     from prdc import compute_prdc
 
@@ -127,7 +135,9 @@ class FeatureExtractor(nn.Module):
     fc 84 → ReLU → fc num_classes``; the first convolution is padded by 2 (as for 28×28 MNIST).
     Images smaller than 28×28 (e.g. the 8×8 digits) are first resized bilinearly to
     28×28, so the same architecture serves them. Train it with
-    :func:`train_feature_extractor`; :meth:`features` returns the 84 penultimate activations.
+    [`train_feature_extractor`][pyro_lpc.images.sample_quality.train_feature_extractor];
+    [`features`][pyro_lpc.images.sample_quality.FeatureExtractor.features] returns the 84 penultimate
+    activations.
     """
 
     def __init__(self, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10,
@@ -161,12 +171,12 @@ class FeatureExtractor(nn.Module):
         return images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits, ``(N, num_classes)``."""
+        """Class logits, `(N, num_classes)`."""
         return self.head(self.body(self.conv(self._check(images))))
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Penultimate-layer activations, ``(N, num_features)``, in evaluation mode."""
+        """Penultimate-layer activations, `(N, num_features)`, in evaluation mode."""
         was_training = self.training
         self.eval()
         try:
@@ -177,7 +187,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
-        """Fraction of ``images`` classified as ``labels``."""
+        """Fraction of `images` classified as `labels`."""
         was_training = self.training
         self.eval()
         try:
@@ -198,16 +208,20 @@ def train_feature_extractor(
     lr: float = 1e-3,
     num_classes: Optional[int] = None,
 ) -> FeatureExtractor:
-    """Train a :class:`FeatureExtractor` on labelled images (cross-entropy, Adam).
+    """Train a [`FeatureExtractor`][pyro_lpc.images.sample_quality.FeatureExtractor] on labelled images
+    (cross-entropy, Adam).
 
-    :param images: ``(N, C, H, W)`` (or ``(N, H, W)``) float images, on the device to train on.
-    :param labels: ``(N,)`` integer class labels.
-    :param epochs: passes over the data.
-    :param seed: seeds the initial weights and the shuffling (the global RNG is left untouched).
-    :returns: the trained extractor, in evaluation mode.
+    Args:
+        images: `(N, C, H, W)` (or `(N, H, W)`) float images, on the device to train on.
+        labels: `(N,)` integer class labels.
+        epochs: passes over the data.
+        seed: seeds the initial weights and the shuffling (the global RNG is left untouched).
 
-    Example::
+    Returns:
+        the trained extractor, in evaluation mode.
 
+    Example:
+        ```python
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> labels = torch.arange(200) % 2
@@ -216,6 +230,8 @@ def train_feature_extractor(
         >>> net = train_feature_extractor(images, labels, epochs=5, seed=0, batch_size=32)
         >>> net.features(images).shape, net.accuracy(images, labels) > 0.9
         (torch.Size([200, 84]), True)
+
+        ```
     """
     images = torch.as_tensor(images)
     labels = torch.as_tensor(labels).long().to(images.device)
@@ -248,12 +264,12 @@ INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
 def inception_features(images: torch.Tensor, weights_path: Optional[str] = None, *,
                        value_range: Tuple[float, float] = (0.0, 1.0), batch_size: int = 64) -> torch.Tensor:
-    """2048-d pool features of the FID Inception-v3 (torchmetrics' ``NoTrainInceptionV3``).
+    """2048-d pool features of the FID Inception-v3 (torchmetrics' `NoTrainInceptionV3`).
 
-    Works offline only: the weights must already be on disk, at ``weights_path`` or in
-    ``torch.hub``'s cache (``<torch.hub.get_dir()>/checkpoints/{INCEPTION_WEIGHTS}``); otherwise a
-    ``FileNotFoundError`` says where to put them (nothing is downloaded). Needs the
-    ``torch-fidelity`` package. Images ``(N, C, H, W)`` with values in ``value_range`` are mapped
+    Works offline only: the weights must already be on disk, at `weights_path` or in
+    `torch.hub`'s cache (`<torch.hub.get_dir()>/checkpoints/{INCEPTION_WEIGHTS}`); otherwise a
+    `FileNotFoundError` says where to put them (nothing is downloaded). Needs the
+    `torch-fidelity` package. Images `(N, C, H, W)` with values in `value_range` are mapped
     to uint8, grey images repeated to 3 channels (Inception resizes them to 299×299 itself).
     """
     path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
@@ -288,12 +304,17 @@ def sample_quality(real_images: torch.Tensor, fake_images: torch.Tensor,
                    k: int = 5) -> Dict[str, float]:
     """Fréchet distance, density and coverage (and precision, recall) of generated images.
 
-    :param extractor: a :class:`FeatureExtractor` (its :meth:`~FeatureExtractor.features`) or any
-        callable ``images -> (N, d)`` features, e.g. :func:`inception_features`.
-    :returns: ``{"frechet_distance", "density", "coverage", "precision", "recall"}``.
+    Args:
+        extractor: a [`FeatureExtractor`][pyro_lpc.images.sample_quality.FeatureExtractor] (its
+            [`features`][pyro_lpc.images.sample_quality.FeatureExtractor.features]) or any callable
+            `images -> (N, d)` features, e.g.
+            [`inception_features`][pyro_lpc.images.sample_quality.inception_features].
 
-    Example::
+    Returns:
+        `{"frechet_distance", "density", "coverage", "precision", "recall"}`.
 
+    Example:
+        ```python
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> labels = torch.arange(400) % 2
@@ -303,6 +324,8 @@ def sample_quality(real_images: torch.Tensor, fake_images: torch.Tensor,
         >>> scores = sample_quality(images[:200], images[200:], net)
         >>> sorted(scores)
         ['coverage', 'density', 'frechet_distance', 'precision', 'recall']
+
+        ```
     """
     fn = extractor.features if isinstance(extractor, FeatureExtractor) else extractor
     real, fake = fn(real_images), fn(fake_images)

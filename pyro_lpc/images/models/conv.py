@@ -1,14 +1,14 @@
 r"""Convolutional decoder and encoder in the β-VAE style (Higgins et al. 2017; Burgess et al. 2018).
 
-Every convolution has kernel 4 and stride 2. For a ``S × S`` image (``S`` = 32 or 64):
+Every convolution has kernel 4 and stride 2. For a `S × S` image (`S` = 32 or 64):
 
-* decoder: ``z -> Linear -> 256×1×1 -> ConvT(p=0) -> 4×4 -> ConvT(p=1) -> 8×8 -> … -> C×S×S``,
-  SiLU after every layer but the last, ``tanh`` output (images scaled to [-1, 1]);
+* decoder: `z -> Linear -> 256×1×1 -> ConvT(p=0) -> 4×4 -> ConvT(p=1) -> 8×8 -> … -> C×S×S`,
+  SiLU after every layer but the last, `tanh` output (images scaled to [-1, 1]);
 * encoder: the mirror image, ``C×S×S -> Conv(p=1) -> … -> 4×4 -> Conv(p=0) -> 256×1×1
-  -> Linear -> (loc, scale)``, with ``scale = softplus(·) + min_scale``.
+  -> Linear -> (loc, scale)`, with `scale = softplus(·) + min_scale``.
 
-Default hidden widths (image side first): ``(32, 64, 64)`` for 32×32 and
-``(32, 32, 64, 64)`` for 64×64, as in Higgins et al.'s 64×64 network.
+Default hidden widths (image side first): `(32, 64, 64)` for 32×32 and
+`(32, 32, 64, 64)` for 64×64, as in Higgins et al.'s 64×64 network.
 Leading batch dimensions of any number are accepted.
 """
 from __future__ import annotations
@@ -40,21 +40,24 @@ def _check_size(image_size, hidden_channels, who: str) -> Tuple[int, Tuple[int, 
 
 
 class ConvDecoder(nn.Module):
-    """``z -> f_θ(z)`` of shape ``(channels, image_size, image_size)``.
+    """`z -> f_θ(z)` of shape `(channels, image_size, image_size)`.
 
-    :param latent_dim: dimension of ``z``.
-    :param image_size: 32 or 64 (``ValueError`` otherwise).
-    :param channels: image channels (3 for CIFAR-10, 1 for padded MNIST).
-    :param hidden_channels: widths of the hidden feature maps, image side first
-        (see module docstring for defaults).
-    :param feature_dim: width of the 1×1 bottleneck (256).
-    :param out_activation: output activation class, ``nn.Tanh`` (means in [-1, 1]) or
-        ``None`` (raw outputs, e.g. Bernoulli logits).
+    Args:
+        latent_dim: dimension of `z`.
+        image_size: 32 or 64 (`ValueError` otherwise).
+        channels: image channels (3 for CIFAR-10, 1 for padded MNIST).
+        hidden_channels: widths of the hidden feature maps, image side first
+            (see module docstring for defaults).
+        feature_dim: width of the 1×1 bottleneck (256).
+        out_activation: output activation class, `nn.Tanh` (means in [-1, 1]) or
+            `None` (raw outputs, e.g. Bernoulli logits).
 
-    Example::
-
+    Example:
+        ```python
         >>> ConvDecoder(latent_dim=32, image_size=32, channels=3)(torch.randn(5, 32)).shape
         torch.Size([5, 3, 32, 32])
+
+        ```
     """
 
     def __init__(
@@ -94,20 +97,24 @@ class ConvDecoder(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """``x -> (loc, scale)`` of a diagonal Gaussian ``q_φ(z | x)``; mirror image of :class:`ConvDecoder`.
+    """`x -> (loc, scale)` of a diagonal Gaussian `q_φ(z | x)`; mirror image of
+    [`ConvDecoder`][pyro_lpc.images.models.ConvDecoder].
 
-    :param image_size: 32 or 64 (``ValueError`` otherwise).
-    :param channels: image channels.
-    :param latent_dim: dimension of ``z``.
-    :param hidden_channels: widths of the hidden feature maps, image side first.
-    :param feature_dim: width of the 1×1 bottleneck (256).
-    :param min_scale: floor added to ``softplus`` for the scale.
+    Args:
+        image_size: 32 or 64 (`ValueError` otherwise).
+        channels: image channels.
+        latent_dim: dimension of `z`.
+        hidden_channels: widths of the hidden feature maps, image side first.
+        feature_dim: width of the 1×1 bottleneck (256).
+        min_scale: floor added to `softplus` for the scale.
 
-    Example::
-
+    Example:
+        ```python
         >>> loc, scale = ConvEncoder(image_size=64, channels=1, latent_dim=10)(torch.randn(2, 1, 64, 64))
         >>> loc.shape, scale.shape
         (torch.Size([2, 10]), torch.Size([2, 10]))
+
+        ```
     """
 
     def __init__(

@@ -1,17 +1,17 @@
-r"""Observation models ``p_θ(x | z)`` for images, given the decoder's output ``f_θ(z)``.
+r"""Observation models `p_θ(x | z)` for images, given the decoder's output `f_θ(z)`.
 
-Each likelihood is a small object whose :meth:`distribution` turns a decoder output of
-shape ``(..., *image_shape)`` into a Pyro distribution whose event dimensions are the
-image dimensions (``event_dim``, 3 for ``(C, H, W)``), ready for
-``pyro.sample("x", likelihood.distribution(output), obs=x)``. Learned parameters (a
-learned σ) are created with :func:`pyro.param` inside :meth:`distribution`, so they
+Each likelihood is a small object whose `distribution` turns a decoder output of
+shape `(..., *image_shape)` into a Pyro distribution whose event dimensions are the
+image dimensions (`event_dim`, 3 for `(C, H, W)`), ready for
+`pyro.sample("x", likelihood.distribution(output), obs=x)`. Learned parameters (a
+learned σ) are created with `pyro.param` inside `distribution`, so they
 belong to the model that calls it.
 
-* :class:`Bernoulli` — output = logits, data in {0, 1} or in [0, 1] (the usual
+* [`Bernoulli`][pyro_lpc.images.models.Bernoulli] — output = logits, data in {0, 1} or in [0, 1] (the usual
   cross-entropy on grey levels; not normalised for fractional data).
-* :class:`Gaussian` — output = mean, fixed σ or one learned log σ per channel.
-* :class:`DiscretizedGaussian` — output = mean, the Gaussian discretised to the
-  ``num_bins`` levels of 8-bit images scaled to [-1, 1] (:class:`DiscretizedNormal`).
+* [`Gaussian`][pyro_lpc.images.models.Gaussian] — output = mean, fixed σ or one learned log σ per channel.
+* [`DiscretizedGaussian`][pyro_lpc.images.models.DiscretizedGaussian] — output = mean, the Gaussian discretised to the
+  `num_bins` levels of 8-bit images scaled to [-1, 1] ([`DiscretizedNormal`][pyro_lpc.images.models.DiscretizedNormal]).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
-    """``log Φ(x)`` with a correct, finite gradient everywhere.
+    """`log Φ(x)` with a correct, finite gradient everywhere.
 
-    ``torch.special.log_ndtr``'s backward is wrong (and NaN) far in the lower tail
-    (x below about -1e3 in float32), so for ``x < -20`` the asymptotic series
-    ``log Φ(x) = -x²/2 - log(-x) - log√(2π) + log(1 - x⁻² + 3x⁻⁴ - 15x⁻⁶ + 105x⁻⁸)``
+    `torch.special.log_ndtr`'s backward is wrong (and NaN) far in the lower tail
+    (x below about -1e3 in float32), so for `x < -20` the asymptotic series
+    `log Φ(x) = -x²/2 - log(-x) - log√(2π) + log(1 - x⁻² + 3x⁻⁴ - 15x⁻⁶ + 105x⁻⁸)`
     (relative error below 1e-10 there) is used instead.
     """
     x_core = x.clamp(min=-20.0)
@@ -44,7 +44,7 @@ def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
 
 
 def _log_sinhc(h: torch.Tensor) -> torch.Tensor:
-    """``log(sinh(h) / h)`` (even in ``h``), accurate with finite gradients for every finite ``h``."""
+    """`log(sinh(h) / h)` (even in `h`), accurate with finite gradients for every finite `h`."""
     a = h.abs()
     a_small = a.clamp(max=0.1)
     a_mid = a.clamp(min=0.1, max=20.0)
@@ -56,44 +56,47 @@ def _log_sinhc(h: torch.Tensor) -> torch.Tensor:
 
 
 class DiscretizedNormal(TorchDistribution):
-    r"""A Normal distribution discretised to ``K = num_bins`` equally spaced levels in [-1, 1].
+    r"""A Normal distribution discretised to `K = num_bins` equally spaced levels in [-1, 1].
 
-    The levels (bin centres) are :math:`c_k = -1 + k\Delta`, :math:`k = 0..K-1`,
-    :math:`\Delta = 2/(K-1)` (``2/255`` for 8-bit images). Bin ``k`` covers
-    :math:`[c_k - \Delta/2, c_k + \Delta/2)`, and the two edge bins absorb the tails
+    The levels (bin centres) are $c_k = -1 + k\Delta$, $k = 0..K-1$,
+    $\Delta = 2/(K-1)$ (`2/255` for 8-bit images). Bin `k` covers
+    $[c_k - \Delta/2, c_k + \Delta/2)$, and the two edge bins absorb the tails
     (as in PixelCNN++):
 
-    .. math::
+    $$
+    P(k) = \Phi(u_k) - \Phi(l_k), \quad
+    u_k = \frac{c_k + \Delta/2 - \mu}{\sigma}, \quad
+    l_k = \frac{c_k - \Delta/2 - \mu}{\sigma}, \quad
+    l_0 = -\infty, \; u_{K-1} = +\infty.
+    $$
 
-        P(k) = \Phi(u_k) - \Phi(l_k), \quad
-        u_k = \frac{c_k + \Delta/2 - \mu}{\sigma}, \quad
-        l_k = \frac{c_k - \Delta/2 - \mu}{\sigma}, \quad
-        l_0 = -\infty, \; u_{K-1} = +\infty.
-
-    ``log_prob`` is computed stably: the edge bins as :math:`\log\Phi(u_0)` and
-    :math:`\log\Phi(-l_{K-1})`; interior bins as a difference of log-CDFs, reflected into
-    the lower tail, :math:`\log\Phi(a) + \log(1 - e^{\log\Phi(b) - \log\Phi(a)})`; and where the
-    bin is narrow relative to σ (:math:`w = \Delta/\sigma` below :math:`2\,\epsilon^{1/3}`
+    `log_prob` is computed stably: the edge bins as $\log\Phi(u_0)$ and
+    $\log\Phi(-l_{K-1})$; interior bins as a difference of log-CDFs, reflected into
+    the lower tail, $\log\Phi(a) + \log(1 - e^{\log\Phi(b) - \log\Phi(a)})$; and where the
+    bin is narrow relative to σ ($w = \Delta/\sigma$ below $2\,\epsilon^{1/3}$
     of the dtype, where that difference loses its digits) by the density at the centre
     times the bin width with the exact exponential tilt,
-    :math:`\log\phi(m) + \log w + \log(\sinh(mw/2)/(mw/2))`, :math:`m = (c_k - \mu)/\sigma`
-    (relative error below :math:`w^2/8`). A value is assigned to its nearest level, so
+    $\log\phi(m) + \log w + \log(\sinh(mw/2)/(mw/2))$, $m = (c_k - \mu)/\sigma$
+    (relative error below $w^2/8$). A value is assigned to its nearest level, so
     data need not lie exactly on the grid, but must lie in [-1, 1] (checked when
     validation is on).
 
-    ``sample``/``rsample`` return bin centres; ``rsample`` passes gradients straight
-    through the rounding (a biased, straight-through estimator). ``mean`` is exact.
+    `sample`/`rsample` return bin centres; `rsample` passes gradients straight
+    through the rounding (a biased, straight-through estimator). `mean` is exact.
 
-    :param loc: μ, any real tensor.
-    :param scale: σ > 0.
-    :param num_bins: number of levels ``K`` (256 for 8-bit data).
+    Args:
+        loc: μ, any real tensor.
+        scale: σ > 0.
+        num_bins: number of levels `K` (256 for 8-bit data).
 
-    Example::
-
+    Example:
+        ```python
         >>> d = DiscretizedNormal(torch.tensor(0.0), torch.tensor(0.1))
         >>> x = d.enumerate_support()            # the 256 bin centres
         >>> float(d.log_prob(x).exp().sum())     # doctest: +ELLIPSIS
         1.0...
+
+        ```
     """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
@@ -123,7 +126,7 @@ class DiscretizedNormal(TorchDistribution):
         return new
 
     def bin_index(self, value: torch.Tensor) -> torch.Tensor:
-        """Index ``k`` of the level nearest to ``value`` (as a float tensor, clamped to 0..K-1)."""
+        """Index `k` of the level nearest to `value` (as a float tensor, clamped to 0..K-1)."""
         return torch.round((value + 1.0) / self.bin_width).clamp(0, self.num_bins - 1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -175,8 +178,8 @@ class DiscretizedNormal(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        r""":math:`E[X] = c_0 + \Delta \sum_{j=1}^{K-1} P(k \ge j) = -1 + \Delta \sum_j \Phi((\mu - e_j)/\sigma)`,
-        with :math:`e_j = -1 + (j - 1/2)\Delta` the inner bin edges."""
+        r"""$E[X] = c_0 + \Delta \sum_{j=1}^{K-1} P(k \ge j) = -1 + \Delta \sum_j \Phi((\mu - e_j)/\sigma)$,
+        with $e_j = -1 + (j - 1/2)\Delta$ the inner bin edges."""
         total = torch.zeros_like(self.loc)
         for j in range(1, self.num_bins):
             edge = -1.0 + (j - 0.5) * self.bin_width
@@ -185,13 +188,13 @@ class DiscretizedNormal(TorchDistribution):
 
 
 class _BernoulliLogLikelihood(torch.autograd.Function):
-    r"""``x f - softplus(f)`` elementwise, with ``softplus(f) = max(f, 0) + log(1 + e^{-|f|})``.
+    r"""`x f - softplus(f)` elementwise, with `softplus(f) = max(f, 0) + log(1 + e^{-|f|})`.
 
-    The same value as ``-binary_cross_entropy_with_logits``, several times faster on CPU:
-    ``log1p`` (which ``softplus``, ``logsigmoid`` and the cross-entropy use) is not
-    vectorised there, ``log`` and ``exp`` are. Dropping ``log1p`` costs at most the
-    float rounding of ``1 + e^{-|f|}``, an absolute error below ``eps`` per element.
-    The backward is the closed form ``∂/∂f = x - σ(f)``, ``∂/∂x = f``, written with
+    The same value as `-binary_cross_entropy_with_logits`, several times faster on CPU:
+    `log1p` (which `softplus`, `logsigmoid` and the cross-entropy use) is not
+    vectorised there, `log` and `exp` are. Dropping `log1p` costs at most the
+    float rounding of `1 + e^{-|f|}`, an absolute error below `eps` per element.
+    The backward is the closed form `∂/∂f = x - σ(f)`, `∂/∂x = f`, written with
     differentiable operations, so higher-order gradients work.
     """
 
@@ -209,8 +212,8 @@ class _BernoulliLogLikelihood(torch.autograd.Function):
 
 
 class _UnitIntervalBernoulli(dist.Bernoulli):
-    """Bernoulli whose ``log_prob`` (``-BCE``) also accepts grey levels in [0, 1], computed
-    by :class:`_BernoulliLogLikelihood`."""
+    """Bernoulli whose `log_prob` (`-BCE`) also accepts grey levels in [0, 1], computed
+    by `_BernoulliLogLikelihood`."""
 
     support = constraints.unit_interval
 
@@ -222,9 +225,10 @@ class _UnitIntervalBernoulli(dist.Bernoulli):
 
 
 class Likelihood:
-    """Base class: ``distribution(output)`` over the whole image, ``mean(output)`` its mean.
+    """Base class: `distribution(output)` over the whole image, `mean(output)` its mean.
 
-    :param event_dim: number of image dimensions (3 for ``(C, H, W)``, 1 for flat vectors).
+    Args:
+        event_dim: number of image dimensions (3 for `(C, H, W)`, 1 for flat vectors).
     """
 
     def __init__(self, event_dim: int = 3):
@@ -241,9 +245,9 @@ class Likelihood:
 
 
 class Bernoulli(Likelihood):
-    r"""``x ~ Bernoulli(sigmoid(output))`` per pixel; the decoder outputs logits.
+    r"""`x ~ Bernoulli(sigmoid(output))` per pixel; the decoder outputs logits.
 
-    :math:`\log p(x \mid z) = \sum_i x_i \log\sigma(f_i) + (1 - x_i)\log(1 - \sigma(f_i))`,
+    $\log p(x \mid z) = \sum_i x_i \log\sigma(f_i) + (1 - x_i)\log(1 - \sigma(f_i))$,
     for binary data or grey levels in [0, 1].
     """
 
@@ -255,16 +259,17 @@ class Bernoulli(Likelihood):
 
 
 class Gaussian(Likelihood):
-    r"""``x ~ Normal(output, σ)`` per pixel; the decoder outputs the mean.
+    r"""`x ~ Normal(output, σ)` per pixel; the decoder outputs the mean.
 
-    σ is either the fixed ``scale`` or, with ``learn_scale=True``, :math:`\exp` of a
-    :func:`pyro.param` named ``f"{name}.log_scale"`` (initialised to ``log(scale)``), one
-    per channel (shape ``(C, 1, 1)``) when ``event_dim == 3``, else a single scalar.
+    σ is either the fixed `scale` or, with `learn_scale=True`, $\exp$ of a
+    `pyro.param` named `f"{name}.log_scale"` (initialised to `log(scale)`), one
+    per channel (shape `(C, 1, 1)`) when `event_dim == 3`, else a single scalar.
 
-    :param scale: σ, or its initial value when learned.
-    :param learn_scale: learn log σ as a model parameter.
-    :param event_dim: number of image dimensions.
-    :param name: prefix of the learned parameter's name.
+    Args:
+        scale: σ, or its initial value when learned.
+        learn_scale: learn log σ as a model parameter.
+        event_dim: number of image dimensions.
+        name: prefix of the learned parameter's name.
     """
 
     def __init__(self, scale: float = 0.1, learn_scale: bool = False, event_dim: int = 3, name: str = "likelihood"):
@@ -277,11 +282,11 @@ class Gaussian(Likelihood):
 
     @property
     def param_name(self) -> Optional[str]:
-        """Name of the learned log σ in Pyro's param store (``None`` when σ is fixed)."""
+        """Name of the learned log σ in Pyro's param store (`None` when σ is fixed)."""
         return f"{self.name}.log_scale" if self.learn_scale else None
 
     def scale_for(self, output: torch.Tensor):
-        """σ for a decoder output: the fixed float, or ``exp(pyro.param(...))`` (created on first use)."""
+        """σ for a decoder output: the fixed float, or `exp(pyro.param(...))` (created on first use)."""
         if not self.learn_scale:
             return self.scale
         shape = (output.shape[-3], 1, 1) if self.event_dim == 3 else ()
@@ -303,12 +308,12 @@ class Gaussian(Likelihood):
 
 
 class DiscretizedGaussian(Gaussian):
-    r"""``x ~ DiscretizedNormal(output, σ, num_bins)`` per pixel, for 8-bit images scaled to [-1, 1].
+    r"""`x ~ DiscretizedNormal(output, σ, num_bins)` per pixel, for 8-bit images scaled to [-1, 1].
 
-    The bin probabilities are those of :class:`DiscretizedNormal`; σ is fixed or
-    learned exactly as in :class:`Gaussian`. ``-log p(x | z) / (D log 2)`` is the
-    usual bits per dimension (for data on the ``num_bins`` grid, no dequantisation).
-    ``mean`` returns the exact mean of the discretised distribution.
+    The bin probabilities are those of [`DiscretizedNormal`][pyro_lpc.images.models.DiscretizedNormal]; σ is fixed or
+    learned exactly as in [`Gaussian`][pyro_lpc.images.models.Gaussian]. `-log p(x | z) / (D log 2)` is the
+    usual bits per dimension (for data on the `num_bins` grid, no dequantisation).
+    `mean` returns the exact mean of the discretised distribution.
     """
 
     def __init__(self, num_bins: int = 256, scale: float = 0.1, learn_scale: bool = False,

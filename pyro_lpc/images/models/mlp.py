@@ -1,8 +1,8 @@
 """Fully connected decoder and encoder (the IWAE paper's MNIST MLP, 784-200-200-50 tanh).
 
 Both networks accept any number of leading batch dimensions: the decoder maps
-``z`` of shape ``(..., latent_dim)`` to ``(..., *out_shape)``; the encoder maps
-``x`` of shape ``(..., *in_shape)`` to ``(loc, scale)``, each ``(..., latent_dim)``.
+`z` of shape `(..., latent_dim)` to `(..., *out_shape)`; the encoder maps
+`x` of shape `(..., *in_shape)` to `(loc, scale)`, each `(..., latent_dim)`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 
 def _mlp(sizes: Sequence[int], activation: Type[nn.Module]) -> nn.Sequential:
-    """Linear layers of the given widths with ``activation`` between them (none after the last)."""
+    """Linear layers of the given widths with `activation` between them (none after the last)."""
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))
@@ -26,20 +26,23 @@ def _mlp(sizes: Sequence[int], activation: Type[nn.Module]) -> nn.Sequential:
 
 
 class MLPDecoder(nn.Module):
-    """``z -> f_θ(z)``, the output parameters of the likelihood (logits, or a mean).
+    """`z -> f_θ(z)`, the output parameters of the likelihood (logits, or a mean).
 
-    :param latent_dim: dimension of ``z``.
-    :param hidden: widths of the hidden layers.
-    :param out_shape: shape of one output, e.g. ``(1, 28, 28)``.
-    :param activation: hidden activation class (default :class:`torch.nn.Tanh`).
-    :param out_activation: optional activation class applied to the output
-        (``None``: raw outputs, i.e. Bernoulli logits; ``nn.Tanh`` for means in [-1, 1]).
+    Args:
+        latent_dim: dimension of `z`.
+        hidden: widths of the hidden layers.
+        out_shape: shape of one output, e.g. `(1, 28, 28)`.
+        activation: hidden activation class (default `torch.nn.Tanh`).
+        out_activation: optional activation class applied to the output
+            (`None`: raw outputs, i.e. Bernoulli logits; `nn.Tanh` for means in [-1, 1]).
 
-    Example::
-
+    Example:
+        ```python
         >>> dec = MLPDecoder(latent_dim=50)
         >>> dec(torch.randn(8, 50)).shape
         torch.Size([8, 1, 28, 28])
+
+        ```
     """
 
     def __init__(
@@ -66,21 +69,24 @@ class MLPDecoder(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """``x -> (loc, scale)`` of a diagonal Gaussian ``q_φ(z | x)``.
+    """`x -> (loc, scale)` of a diagonal Gaussian `q_φ(z | x)`.
 
-    ``scale = softplus(h) + min_scale`` keeps the scale positive and bounded away from 0.
+    `scale = softplus(h) + min_scale` keeps the scale positive and bounded away from 0.
 
-    :param in_shape: shape of one input, e.g. ``(1, 28, 28)``.
-    :param hidden: widths of the hidden layers.
-    :param latent_dim: dimension of ``z``.
-    :param activation: hidden activation class (default :class:`torch.nn.Tanh`).
-    :param min_scale: floor added to the scale.
+    Args:
+        in_shape: shape of one input, e.g. `(1, 28, 28)`.
+        hidden: widths of the hidden layers.
+        latent_dim: dimension of `z`.
+        activation: hidden activation class (default `torch.nn.Tanh`).
+        min_scale: floor added to the scale.
 
-    Example::
-
+    Example:
+        ```python
         >>> loc, scale = MLPEncoder(latent_dim=50)(torch.rand(8, 1, 28, 28))
         >>> loc.shape, bool((scale > 0).all())
         (torch.Size([8, 50]), True)
+
+        ```
     """
 
     def __init__(

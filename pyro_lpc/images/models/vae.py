@@ -1,13 +1,13 @@
 r"""Deep latent Gaussian models: the reference Pyro model/guide pairs for images.
 
-.. math::
+$$
+z_i \sim \mathcal N(0, I_d), \qquad x_i \mid z_i \sim p_\theta(x_i \mid f_\theta(z_i)),
+\qquad q_\phi(z_i \mid x_i) = \mathcal N(\mu_\phi(x_i), \operatorname{diag}\sigma_\phi(x_i)^2),
+$$
 
-    z_i \sim \mathcal N(0, I_d), \qquad x_i \mid z_i \sim p_\theta(x_i \mid f_\theta(z_i)),
-    \qquad q_\phi(z_i \mid x_i) = \mathcal N(\mu_\phi(x_i), \operatorname{diag}\sigma_\phi(x_i)^2),
-
-with ``f_θ`` the decoder, ``p_θ(x | ·)`` the likelihood (:mod:`.likelihoods`), and
-``(μ_φ, σ_φ)`` the encoder. θ = the decoder's weights plus any learned likelihood
-parameter (created in ``model`` with :func:`pyro.param`); φ = the encoder's weights.
+with `f_θ` the decoder, `p_θ(x | ·)` the likelihood (`likelihoods`), and
+`(μ_φ, σ_φ)` the encoder. θ = the decoder's weights plus any learned likelihood
+parameter (created in `model` with `pyro.param`); φ = the encoder's weights.
 """
 from __future__ import annotations
 
@@ -24,22 +24,23 @@ from .mlp import MLPDecoder, MLPEncoder
 
 
 class DeepLatentGaussian(nn.Module):
-    r"""A decoder/encoder pair wrapped as a Pyro ``model``/``guide`` for mini-batches of images.
+    r"""A decoder/encoder pair wrapped as a Pyro `model`/`guide` for mini-batches of images.
 
-    ``model(x)``: ``pyro.module(f"{name}.decoder", decoder)``; in ``pyro.plate("data", B)``
-    a latent site ``"z"`` ~ ``Normal(0, 1).expand([latent_dim]).to_event(1)`` and an observed
-    site ``"x"`` ~ ``likelihood.distribution(decoder(z))``.
-    ``guide(x)``: ``pyro.module(f"{name}.encoder", encoder)``; ``"z"`` ~
-    ``Normal(loc, scale).to_event(1)`` with ``(loc, scale) = encoder(x)``.
+    `model(x)`: `pyro.module(f"{name}.decoder", decoder)`; in `pyro.plate("data", B)`
+    a latent site `"z"` ~ `Normal(0, 1).expand([latent_dim]).to_event(1)` and an observed
+    site `"x"` ~ `likelihood.distribution(decoder(z))`.
+    `guide(x)`: `pyro.module(f"{name}.encoder", encoder)`; `"z"` ~
+    `Normal(loc, scale).to_event(1)` with `(loc, scale) = encoder(x)`.
 
-    :param decoder: module ``z (B, latent_dim) -> output (B, *image_shape)``.
-    :param encoder: module ``x -> (loc, scale)``, each ``(B, latent_dim)``.
-    :param likelihood: a :class:`~pyro_lpc.images.models.likelihoods.Likelihood`.
-    :param latent_dim: dimension ``d`` of ``z``.
-    :param name: prefix of the Pyro parameter names.
+    Args:
+        decoder: module `z (B, latent_dim) -> output (B, *image_shape)`.
+        encoder: module `x -> (loc, scale)`, each `(B, latent_dim)`.
+        likelihood: a [`Likelihood`][pyro_lpc.images.models.Likelihood].
+        latent_dim: dimension `d` of `z`.
+        name: prefix of the Pyro parameter names.
 
-    Example::
-
+    Example:
+        ```python
         >>> import pyro, torch
         >>> from pyro_lpc.images.models import mlp_model
         >>> vae = mlp_model(latent_dim=10)                   # 784-200-200-10 tanh, Bernoulli
@@ -49,6 +50,8 @@ class DeepLatentGaussian(nn.Module):
         >>> loss = svi.step(x)                               # or pyro_lpc.fit(vae.model, vae.guide, data)
         >>> vae.sample(4).shape, vae.reconstruct(x).shape
         (torch.Size([4, 1, 28, 28]), torch.Size([16, 1, 28, 28]))
+
+        ```
     """
 
     def __init__(self, decoder: nn.Module, encoder: nn.Module, likelihood: Likelihood, latent_dim: int,
@@ -73,7 +76,7 @@ class DeepLatentGaussian(nn.Module):
         return p if p is not None else torch.zeros(())
 
     def model(self, x: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> torch.Tensor:
-        """The generative model; ``x=None`` (with ``batch_size``) generates instead of conditioning."""
+        """The generative model; `x=None` (with `batch_size`) generates instead of conditioning."""
         pyro.module(f"{self.name}.decoder", self.decoder)
         if x is not None:
             self._check(x)
@@ -89,7 +92,7 @@ class DeepLatentGaussian(nn.Module):
             return pyro.sample("x", self.likelihood.distribution(output), obs=x)
 
     def guide(self, x: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-        """The amortised posterior ``q_φ(z | x)``."""
+        """The amortised posterior `q_φ(z | x)`."""
         pyro.module(f"{self.name}.encoder", self.encoder)
         self._check(x)
         with pyro.plate("data", x.shape[0]):
@@ -98,14 +101,14 @@ class DeepLatentGaussian(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        """Decode ``n`` prior draws ``z ~ N(0, I)``; returns the likelihood's mean, ``(n, *image_shape)``."""
+        """Decode `n` prior draws `z ~ N(0, I)`; returns the likelihood's mean, `(n, *image_shape)`."""
         ref = self._like()
         z = torch.randn(n, self.latent_dim, dtype=ref.dtype, device=ref.device)
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Decode the encoder's mean (or a draw from ``q_φ(z | x)`` with ``sample=True``); the likelihood's mean."""
+        """Decode the encoder's mean (or a draw from `q_φ(z | x)` with `sample=True`); the likelihood's mean."""
         self._check(x)
         loc, scale = self.encoder(x)
         z = loc + scale * torch.randn_like(loc) if sample else loc
@@ -148,9 +151,9 @@ def mlp_model(
 ) -> DeepLatentGaussian:
     """The IWAE paper's MNIST model: 784-200-200-50 tanh MLPs, Bernoulli likelihood by default.
 
-    ``likelihood``: ``"bernoulli"`` (decoder outputs logits), ``"gaussian"`` or
-    ``"discretized"`` (decoder outputs a tanh mean; σ = 0.1 fixed), or a
-    :class:`~pyro_lpc.images.models.likelihoods.Likelihood` instance (e.g. with ``learn_scale=True``).
+    `likelihood`: `"bernoulli"` (decoder outputs logits), `"gaussian"` or
+    `"discretized"` (decoder outputs a tanh mean; σ = 0.1 fixed), or a
+    [`Likelihood`][pyro_lpc.images.models.Likelihood] instance (e.g. with `learn_scale=True`).
     """
     image_shape = tuple(int(s) for s in image_shape)
     lik = _likelihood(likelihood, len(image_shape), name)
@@ -167,10 +170,10 @@ def conv_model(
     hidden_channels: Optional[Sequence[int]] = None,
     name: str = "dlgm",
 ) -> DeepLatentGaussian:
-    """β-VAE-style convolutional model (:mod:`.conv`) for ``channels × image_size × image_size``
+    """β-VAE-style convolutional model (`conv`) for `channels × image_size × image_size`
     images (32 or 64); discretised Gaussian likelihood over [-1, 1] by default.
 
-    ``likelihood`` as in :func:`mlp_model`. ``latent_dim=64`` is this package's default, not a
+    `likelihood` as in [`mlp_model`][pyro_lpc.images.models.mlp_model]. `latent_dim=64` is this package's default, not a
     value from the paper.
     """
     lik = _likelihood(likelihood, 3, name)
