@@ -16,7 +16,7 @@ energy once at the joint proposal and then
 
 Rejected non-finite proposals are *divergences*. `accept` records the local
 chains' MALA acceptance probability at every step (under ULA a diagnostic of
-the discretisation error, and what `target_accept` adapts η to; with moving
+the discretisation error, and what `target_accept_prob` adapts η to; with moving
 globals the energies are those at the moved global values — the global step, of
 order `η/N`, changes them little). See docs: Concepts, "Local and global latents".
 
@@ -102,7 +102,8 @@ class ChainsInfo(NamedTuple):
         diverged: per step, whether any proposal was rejected as non-finite `(K,)`.
         energy_drop: mean `U_i(z_0) - U_i(z_K)` over the local chains (nats per data point).
         late_drop: mean `U_i(z_{K//2}) - U_i(z_K)`, what [`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps] reads.
-        start: `(U_i, ∇U)` at the chains' start (the guide's draws), for the reverse-KL term.
+        start_energy: `(U_i, ∇U)` at the chains' start (the guide's draws), for the reverse-KL term;
+            `None` when a start was redrawn.
     """
 
     kept: List[dict]
@@ -110,7 +111,7 @@ class ChainsInfo(NamedTuple):
     diverged: torch.Tensor
     energy_drop: Optional[torch.Tensor]
     late_drop: Optional[torch.Tensor]
-    start: Optional[Tuple[torch.Tensor, Position]]
+    start_energy: Optional[Tuple[torch.Tensor, Position]]
 
 
 def run(evaluate: JointEvaluation, local: Position, state: SamplerState, settings: ChainSettings, *,

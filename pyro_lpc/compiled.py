@@ -14,7 +14,7 @@ serves every batch of that shape. So are the sample sites' scales, as traced on
 the batch: a scale read from Python state (an annealed β-VAE weight) changes the
 recording's result, not the recording. θ's gradient at the kept samples,
 `∇θ log p_θ(x, z_k)`, is recorded the same way
-([`CompiledEnergies.log_joint_and_grad`][pyro_lpc.compiled.CompiledEnergies.log_joint_and_grad]).
+([`CompiledEnergies.theta_loss_and_grad`][pyro_lpc.compiled.CompiledEnergies.theta_loss_and_grad]).
 
 Optionally the recording is compiled with `torch.compile` (`options`,
 e.g. `{}` for Inductor's defaults, which fuses the elementwise work of the
@@ -38,7 +38,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import langevin
-from .potential import SplitEnergy, Position, PyroEvaluation
+from .potential import Position, PyroEvaluation, SplitEnergy, param_grads
 
 
 #: recordings after which a warning says that something keeps changing between batches
@@ -81,7 +81,7 @@ class CompiledEnergies(PyroEvaluation):
 
     def __init__(self, options: Optional[dict] = None):
         if options is not None and not isinstance(options, dict):
-            raise TypeError(f"torch.compile options must be a dict or None, got {type(options).__name__}.")
+            raise TypeError(f"jit_options must be a dict of torch.compile options or None, got {options!r}.")
         self.options = options
         # a recording per key; for θ's gradient with which parameters it differentiates
         self.recorded: Dict[tuple, Union[Callable, Tuple[Callable, List[bool]]]] = {}
@@ -113,12 +113,12 @@ class CompiledEnergies(PyroEvaluation):
 
         return evaluate
 
-    def log_joint_and_grad(self, energy: SplitEnergy, values: Position):
-        """Scaled `log p_θ(x, z)` at constrained `values` and its gradient with respect to
-        the model's parameters `θ` — what [`SplitEnergy.log_joint`][pyro_lpc.potential.SplitEnergy.log_joint]
-        and a backward pass give. Returns `(log_p, params, grads, None)`: `params` the param store's
-        unconstrained tensors by name, `grads` their gradients (`None` for a parameter the log-joint does not
-        use); no trace."""
+    def theta_loss_and_grad(self, energy: SplitEnergy, values: Position, num_samples: int = 1):
+        """As [`PyroEvaluation.theta_loss_and_grad`][pyro_lpc.potential.PyroEvaluation.theta_loss_and_grad]:
+        `(log_p, params, grads, None)`, the scaled `log p_θ(x, z)` at constrained `values`, the param
+        store's unconstrained tensors by name and the gradients of `-log p_θ(x, z) / num_samples`
+        (`None` for a parameter the log-joint does not use), `∇θ log p` recorded once per batch shape;
+        no trace."""
         sites = sorted(values)
         others, param_names = _inputs(energy, [values[name] for name in sites])
         key = ("theta", tuple(sites), tuple(param_names), tuple(sorted(energy.scales)), repr(energy.shapes),
@@ -133,8 +133,7 @@ class CompiledEnergies(PyroEvaluation):
                 params = list(it)  # the param store's own tensors while recording: leaves needing grad
                 with torch.enable_grad():
                     log_p = bound.log_joint(site_values)[0]
-                    grads = torch.autograd.grad(log_p, params, allow_unused=True) if params and log_p.requires_grad \
-                        else [None] * len(params)
+                    grads = param_grads(log_p, params)
                 used[:] = [g is not None for g in grads]
                 return (log_p.detach(), *[g for g in grads if g is not None])
 
@@ -143,7 +142,8 @@ class CompiledEnergies(PyroEvaluation):
         log_p, *found = self._run(recorded, others)
         found = iter(found)
         params = others[len(others) - len(param_names):]
-        return log_p, dict(zip(param_names, params)), [next(found) if u else None for u in used], None
+        grads = [-next(found) / num_samples if u else None for u in used]
+        return log_p, dict(zip(param_names, params)), grads, None
 
     def _record(self, function, inputs: List[torch.Tensor]):
         """`function` (forward and backward) as one graph; its inputs — the batch and the

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import pyro
-from pyro.optim.lr_scheduler import PyroLRScheduler
 
 from . import distributed
 from .lpc import LPC, NonFiniteError
@@ -76,7 +75,7 @@ def fit(
             or an [`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps]. Models with global
             latents run at least one step (their persistent chain keeps moving).
         step_size (float): Langevin step size η of the local chains (the
-            initial one with `target_accept`).
+            initial one with `target_accept_prob`).
         target_accept_prob (float): adapt η after every iteration so that the local
             chains' mean MALA acceptance probability tracks this value
             ([`StepSizeAdaptation`][pyro_lpc.schedule.StepSizeAdaptation]); `None`: η fixed.
@@ -146,23 +145,17 @@ def fit(
               jit_compile=jit_compile, jit_options=jit_options, generator=generator)
 
     def step(args, kwargs, iteration, epoch, history):
+        lpc.iteration = iteration  # the loop's count (a resumed run's too)
         try:
             return {"epoch": epoch, **lpc.step(*args, **kwargs)}
         except NonFiniteError as error:
             error.result = FitResult(list(history), lpc.state_dict())
             raise
 
-    def end_of_epoch(epoch):
-        for optimiser in (lpc.optim, lpc.guide_optim):
-            if isinstance(optimiser, PyroLRScheduler):
-                optimiser.step()
-        if recorder is not None:
-            recorder.record(lpc, epoch)
-
     history = run_epochs(
         step, data, batch_size=batch_size, num_epochs=num_epochs, group=group, base_seed=base_seed,
         generator=generator, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, model=model,
         guide=lpc.warm, optims={"optim": lpc.optim, "guide_optim": lpc.guide_optim}, state=lpc,
-        on_epoch=end_of_epoch, desc="fit", key="log_joint", batch_args=batch_args,
+        on_epoch=None if recorder is None else lambda epoch: recorder.record(lpc, epoch), desc="fit", key="log_joint", batch_args=batch_args,
     )
     return FitResult(history, lpc.state_dict())

@@ -42,7 +42,7 @@ from . import chains, distributed, langevin
 from .checkpoint import register_params
 from .compiled import CompiledEnergies
 from .potential import SplitEnergy, PyroEvaluation, batch_shapes, latent_sites, nonfinite_in_trace, \
-    param_tensors, subsample_trace
+    param_grads, param_tensors, subsample_trace
 from .schedule import AdaptiveSteps, StepSizeAdaptation, steps_schedule
 from .warm_start import WarmStart, check_guide_sites
 
@@ -141,8 +141,9 @@ class LPC:
         if not isinstance(jit_compile, bool):
             raise TypeError(f"jit_compile must be True or False, got {jit_compile!r} (torch.compile options go "
                             "in jit_options).")
-        if jit_options is not None and not isinstance(jit_options, dict):
-            raise TypeError(f"jit_options must be a dict of torch.compile options, got {jit_options!r}.")
+        if jit_options is not None and not jit_compile:
+            raise ValueError(f"jit_options={jit_options!r} compiles the recording that jit_compile=True makes; "
+                             "pass jit_compile=True too.")
         self.schedule = copy.deepcopy(steps_schedule(num_steps))
         self.step_size = langevin.check_step_size(step_size)
         self.adaptation = None if target_accept_prob is None else \
@@ -165,8 +166,10 @@ class LPC:
         # the energy's backend, chosen once: through Pyro, or recorded (and compiled)
         self.backend = CompiledEnergies(jit_options) if jit_compile else PyroEvaluation()
         self.group = distributed.replicas()  # the ranks training together (one process: SingleProcess)
-        self.generator = generator or torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-        self.state = chains.SamplerState()
+        if generator is None:  # alike on every rank: rank 0's draw from torch's stream
+            generator = torch.Generator().manual_seed(self.group.broadcast_object(int(torch.randint(2**62, ()))))
+        self.generator = generator
+        self.sampler_state = chains.SamplerState()
         self.iteration = 0
         self._synced = False  # parameters broadcast from rank 0 yet?
         self._structure = None  # the last batch's SplitEnergy, reused by later batches of its shapes
@@ -182,19 +185,22 @@ class LPC:
         """What a resumed run needs besides the parameters and optimisers: the sampler state
         ([`SamplerState`][pyro_lpc.chains.SamplerState]), the step sizes, the schedule and adaptation."""
         return {
-            **self.state._asdict(),
+            **self.sampler_state._asdict(),
             "step_size": self.step_size,
             "global_step_size": self.global_step_size,
             "iteration": self.iteration,
+            "generator": self.generator.get_state(),
             "schedule": self.schedule.state_dict(),
             "adaptation": self.adaptation.state_dict() if self.adaptation else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = chains.SamplerState(state["local_precond"], state["global_position"], state["global_values"])
+        self.sampler_state = chains.SamplerState(state["local_precond"], state["global_position"], state["global_values"])
         self.step_size = state.get("step_size", self.step_size)
         self.global_step_size = state.get("global_step_size", self.global_step_size)
         self.iteration = state.get("iteration", self.iteration)
+        if "generator" in state:
+            self.generator.set_state(state["generator"].cpu())
         # a schedule or adaptation of another kind than the checkpoint's starts afresh
         if set(state.get("schedule") or {}) == set(self.schedule.state_dict()):
             self.schedule.load_state_dict(state["schedule"])
@@ -217,7 +223,7 @@ class LPC:
         steps = self.schedule(self.iteration)
         guide_trace, energy, start = self._chain_start(args, kwargs)
         num_steps = max(steps, 1 if energy.globals else 0)  # a global chain keeps moving
-        state, fused = self.state, None
+        state, fused = self.sampler_state, None
         if num_steps:
             with torch.no_grad():
                 info, state = self._run_chains(energy, start, num_steps, self.keep, move_globals=True)
@@ -228,7 +234,8 @@ class LPC:
             (params, grads, log_joint, trace), (g_params, g_grads, guide_loss) = fused
         else:
             params, grads, log_joint, trace = self._theta_gradients(energy, info.kept)
-            g_params, g_grads, guide_loss = self._guide_gradients(energy, guide_trace, info, args, kwargs, params)
+            g_params, g_grads, guide_loss = self._guide_gradients(energy, guide_trace, info, args, kwargs, params,
+                                                                  state.global_values)
         accept = info.accept.mean() if len(info.accept) else None
         divergences = info.diverged.sum().to(log_joint.dtype)
         # one all-reduce: every rank steps with the gradients, reports the global batch's figures
@@ -249,7 +256,7 @@ class LPC:
             self._raise_nonfinite(trace, info)
         _apply(self.optim, params, grads)
         _apply(self.guide_optim, g_params, g_grads)
-        self.state = state
+        self.sampler_state = state
         figures = {
             "iteration": self.iteration,
             "log_joint": log_joint.item() / energy.num_data(),
@@ -272,14 +279,14 @@ class LPC:
         random draws do advance torch's stream). Returns the batch's
         [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] and [`ChainsInfo`][pyro_lpc.chains.ChainsInfo]
         (`keep` as for the constructor; `num_steps` default [`max_steps`][pyro_lpc.LPC.max_steps])."""
-        structure, state = self._structure, self.state
+        structure, state = self._structure, self.sampler_state
         try:
             with torch.no_grad():
                 _, energy, start = self._chain_start(args, kwargs, reuse_structure=False)
                 num_steps = num_steps or self.max_steps
                 info, _ = self._run_chains(energy, start, num_steps, check_keep(keep, num_steps), move_globals=False)
         finally:
-            self._structure, self.state = structure, state
+            self._structure, self.sampler_state = structure, state
         return energy, info
 
     def _adapt(self, accept: Optional[float], late_drop: Optional[float], divergences: int) -> None:
@@ -315,8 +322,8 @@ class LPC:
                     prior = poutine.trace(self.model).get_trace(*args, **kwargs)
                 replay = subsample_trace(prior)
                 start = {n: prior.nodes[n]["value"] for n in latent_sites(prior)}
-            if self.state.global_position is not None:
-                start.update(self.state.global_values)
+            if self.sampler_state.global_position is not None:
+                start.update(self.sampler_state.global_values)
             for name, value in start.items():  # replay (not condition): latents stay latent
                 replay.add_node(name, type="sample", is_observed=False, value=value, infer={})
             with torch.no_grad():
@@ -336,10 +343,10 @@ class LPC:
             energy.check_factorises(start)
             self._factorising_shapes.add(repr(energy.shapes))
         self._structure = energy
-        if self.state.global_position is None and energy.globals:
+        if self.sampler_state.global_position is None and energy.globals:
             self.group.broadcast([start[n] for n in energy.globals])  # one global chain for all ranks
             values = {n: start[n] for n in energy.globals}
-            self.state = self.state._replace(global_position=energy.unconstrain(values), global_values=values)
+            self.sampler_state = self.sampler_state._replace(global_position=energy.unconstrain(values), global_values=values)
         return guide_trace, energy, start
 
     def _reusable(self, args, kwargs, replay, start) -> bool:
@@ -379,8 +386,8 @@ class LPC:
         the global latents at their current values."""
         local = energy.unconstrain({n: start[n] for n in energy.local})
         move_globals = move_globals and bool(energy.globals)
-        evaluate = self.backend.evaluation(energy, self.state.global_values, move_globals)
-        state = self.state
+        evaluate = self.backend.evaluation(energy, self.sampler_state.global_values, move_globals)
+        state = self.sampler_state
         if move_globals:
             evaluate = self._averaged(evaluate)
         else:
@@ -391,7 +398,7 @@ class LPC:
         info, carried = chains.run(evaluate, local, state, settings, constrain=lambda p: energy.constrain(p)[0],
                                    generator=self.generator, group=self.group)
         if not move_globals:
-            carried = carried._replace(global_position=self.state.global_position)
+            carried = carried._replace(global_position=self.sampler_state.global_position)
         return info, carried
 
     def _averaged(self, evaluate):
@@ -409,13 +416,13 @@ class LPC:
         """
         params, grads, total, trace = None, None, 0.0, None
         for values in kept:
-            log_p, params, g, trace = self.backend.log_joint_and_grad(energy, values)
-            g = [None if b is None else -b / len(kept) for b in g]
+            log_p, params, g, trace = self.backend.theta_loss_and_grad(energy, values, len(kept))
             grads = [_add(a, b) for a, b in zip(grads or [None] * len(g), g)]
             total = total + log_p / len(kept)
         return params, grads, total, trace
 
-    def _guide_gradients(self, energy: SplitEnergy, guide_trace, info: chains.ChainsInfo, args, kwargs, theta):
+    def _guide_gradients(self, energy: SplitEnergy, guide_trace, info: chains.ChainsInfo, args, kwargs, theta,
+                         global_values):
         """Gradients of the warm-start objective with respect to φ (the guide's own params).
 
         Where the model allows
@@ -426,18 +433,15 @@ class LPC:
             return {}, [], None
 
         def log_joint(values):
-            if info.start is not None and energy.energy_scale is not None:
-                return energy.log_joint_from_energy(values, *info.start)
-            return energy.log_joint({**self.state.global_values, **values})[0]
+            if info.start_energy is not None and energy.energy_scale is not None:
+                return energy.log_joint_from_energy(values, *info.start_energy)
+            return energy.log_joint({**global_values, **values})[0]  # the global chain's values after its moves
 
         loss = self.warm.loss(guide_trace, info.kept, args, kwargs, log_joint, energy.transforms)
         params = {k: v for k, v in param_tensors(guide_trace).items() if k not in theta}
         if not params:
             return {}, [], loss.detach()
-        if not loss.requires_grad:  # no φ reaches the objective (e.g. a fixed guide)
-            return params, [None] * len(params), loss.detach()
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        return params, grads, loss.detach()
+        return params, param_grads(loss, list(params.values())), loss.detach()  # None: no φ reaches it
 
     def _fused_gradients(self, energy: SplitEnergy, guide_trace, start, args, kwargs):
         """Without chains (K = 0), θ's and φ's gradients from one backward pass.
@@ -455,7 +459,7 @@ class LPC:
         evaluated = {}
 
         def log_joint(values):
-            evaluated["log_p"], evaluated["trace"] = energy.log_joint({**self.state.global_values, **values})
+            evaluated["log_p"], evaluated["trace"] = energy.log_joint({**self.sampler_state.global_values, **values})
             return evaluated["log_p"]
 
         loss = self.warm.loss(guide_trace, [start], args, kwargs, log_joint, energy.transforms)
@@ -463,9 +467,7 @@ class LPC:
         phi = param_tensors(guide_trace)
         if set(theta) & set(phi):
             return None
-        tensors = list(theta.values()) + list(phi.values())
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors and loss.requires_grad \
-            else [None] * len(tensors)
+        grads = param_grads(loss, list(theta.values()) + list(phi.values()))
         log_p = evaluated["log_p"].detach()
         return (theta, grads[:len(theta)], log_p, evaluated["trace"]), (phi, grads[len(theta):], loss.detach())
 

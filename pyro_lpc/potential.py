@@ -477,6 +477,14 @@ def param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:
     return {name: site["value"].unconstrained() for name, site in trace.nodes.items() if site["type"] == "param"}
 
 
+def param_grads(value: torch.Tensor, params: List[torch.Tensor]) -> list:
+    """`∂ value / ∂ p` for each of `params`; `None` for one it does not reach (all `None` when it
+    reaches none)."""
+    if not params or not value.requires_grad:
+        return [None] * len(params)
+    return list(torch.autograd.grad(value, params, allow_unused=True))
+
+
 class PyroEvaluation:
     """A [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] evaluated through Pyro: the model is traced and
     differentiated at every call. The backend `LPC` uses unless `jit_compile` (then
@@ -496,11 +504,10 @@ class PyroEvaluation:
         local_value_and_grad = langevin.value_and_grad(energy.local_energy(global_values))
         return lambda local, global_: (local_value_and_grad(local), (None, {}))
 
-    def log_joint_and_grad(self, energy: "SplitEnergy", values: Position):
-        """Scaled `log p_θ(x, z)` at constrained `values` (detached), the model's parameters
-        `θ` by name, their gradients (`None` where unused) and the trace."""
+    def theta_loss_and_grad(self, energy: "SplitEnergy", values: Position, num_samples: int = 1):
+        """θ's loss at one of `num_samples` kept samples: the scaled `log p_θ(x, z)` at constrained
+        `values` (detached), the model's parameters `θ` by name, the gradients of
+        `-log p_θ(x, z) / num_samples` (`None` where unused) and the trace."""
         log_p, trace = energy.log_joint(values)
         params = param_tensors(trace)
-        grads = torch.autograd.grad(log_p, list(params.values()), allow_unused=True) \
-            if params and log_p.requires_grad else [None] * len(params)
-        return log_p.detach(), params, list(grads), trace
+        return log_p.detach(), params, param_grads(-log_p / num_samples, list(params.values())), trace

@@ -22,7 +22,7 @@ train θ) and the schedule decides again. (The total drop
 `U(z^{(0)}) - U(z^{(K)})`, an estimate of how far the guide still is from the
 chains, is reported in the history as `energy_drop`.)
 
-**Step size** ([`StepSizeAdaptation`][pyro_lpc.schedule.StepSizeAdaptation], `fit(target_accept=...)`). The
+**Step size** ([`StepSizeAdaptation`][pyro_lpc.schedule.StepSizeAdaptation], `fit(target_accept_prob=...)`). The
 MALA acceptance probability of a Langevin proposal measures its discretisation
 error (it is computed for ULA too). After each iteration the local step size
 moves as `log η ← log η + γ (ā − target)`, `ā` the mean acceptance
@@ -164,7 +164,7 @@ class StepSizeAdaptation:
 
     def __init__(self, step_size: float, target: float, gain: float = 0.1, bounds=(1e-7, 10.0)):
         if not 0.0 < float(target) < 1.0:
-            raise ValueError(f"target_accept must be in (0, 1), got {target!r}.")
+            raise ValueError(f"target_accept_prob must be in (0, 1), got {target!r}.")
         self.log_step_size, self.target, self.gain = math.log(step_size), float(target), float(gain)
         self.bounds = (math.log(bounds[0]), math.log(bounds[1]))
 

@@ -10,6 +10,7 @@ import warnings
 from typing import List, Optional
 
 import torch
+from pyro.optim.lr_scheduler import PyroLRScheduler
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, save_rng
@@ -22,12 +23,14 @@ class FitResult:
     `iteration`, `log_joint` (mean over kept samples of the scaled
     mini-batch `log p(x, z)` divided by the number of data points N, i.e. an
     estimate of the full-data log-joint per data point), `guide_loss`, `accept_rate` (MALA or
-    `target_accept` only), `step_size`, `num_steps` (this iteration's K), `energy_drop`
+    `target_accept_prob` only), `step_size`, `num_steps` (this iteration's K), `energy_drop`
     and `late_energy_drop` (mean `U(z_0) - U(z_K)` and `U(z_{K/2}) - U(z_K)` of the local
-    chains, `None` without chains; [`pyro_lpc.schedule`][pyro_lpc.schedule]) and `time` (seconds since the
-    start, resumed runs included).
-    `sampler_state` holds what the sampler carries across mini-batches (the
-    shared diagonal preconditioner, the global chain's position and values).
+    chains, `None` without chains; [`pyro_lpc.schedule`][pyro_lpc.schedule]), `divergences`
+    (Langevin steps rejected as non-finite) and `time` (seconds since the start, resumed runs
+    included); `fit_svi`'s rows hold `elbo` instead.
+    `sampler_state` is [`LPC.state_dict`][pyro_lpc.LPC.state_dict] at the end: the shared diagonal
+    preconditioner, the global chain's position and values, the step sizes, the iteration, the
+    global chain's noise generator, the schedule and the step-size adaptation.
 
     Example:
         ```python
@@ -120,6 +123,7 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
     bar = tqdm(total=group.num_batches(data, batch_size) * num_epochs or None, initial=iteration,
                disable=not (progress and group.is_main), desc=desc, unit="it")
     for epoch in range(start_epoch, num_epochs):
+        epoch_start = len(history)
         for args, kwargs in epoch_batches(epoch):
             if iteration == first:
                 _check_call(model, guide, args, kwargs)
@@ -132,6 +136,7 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
         if iteration == first:
             raise ValueError(f"data yielded no mini-batch in epoch {epoch}: nothing was trained or written "
                              "(an iterator is used up after one pass; give a list or a DataLoader).")
+        step_schedulers(optims, [row[key] for row in history[epoch_start:]])
         if on_epoch is not None:
             on_epoch(epoch)
         if path:
@@ -143,6 +148,21 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
                                 generator=generator.get_state(), **extra)
     bar.close()
     return history
+
+
+def step_schedulers(optims: dict, figures: List[float]) -> None:
+    """After an epoch, step each distinct `pyro.optim` learning-rate scheduler among `optims` once
+    (`ReduceLROnPlateau` on the epoch's mean loss, minus the mean of `figures`: the epoch's
+    log-joints or ELBOs per data point)."""
+    stepped = set()
+    for optim in optims.values():
+        if not isinstance(optim, PyroLRScheduler) or id(optim) in stepped:
+            continue
+        stepped.add(id(optim))
+        if issubclass(optim.pt_scheduler_constructor, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            optim.step(-sum(figures) / len(figures))
+        else:
+            optim.step()
 
 
 def _check_inputs(data, num_epochs, batch_args) -> None:

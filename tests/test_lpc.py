@@ -85,11 +85,30 @@ def test_fit_steps_a_pyro_lr_scheduler_once_per_epoch():
     assert rates == pytest.approx([0.1 * 0.5**3])  # θ = w (the guide has its own default optimiser)
 
 
+def test_one_scheduler_for_theta_and_phi_steps_once_and_plateau_reads_the_epochs_loss():
+    """The same scheduler object as optim and guide_optim steps once per epoch; ReduceLROnPlateau
+    gets the epoch's mean loss (before: fit crashed on its missing metric after the first epoch)."""
+    x = data()
+    shared = pyro.optim.StepLR({"optimizer": torch.optim.SGD, "optim_args": {"lr": 0.01}, "step_size": 1,
+                                "gamma": 0.5})
+    fit(model, guide, x, batch_size=16, num_epochs=2, num_steps=2, optim=shared, guide_optim=shared, seed=0,
+        progress=False)
+    assert [s.optimizer.param_groups[0]["lr"] for s in shared.optim_objs.values()] == pytest.approx([0.01 / 4] * 2)
+    plateau = pyro.optim.ReduceLROnPlateau({"optimizer": torch.optim.SGD, "optim_args": {"lr": 0.01},
+                                            "patience": 0, "factor": 0.5, "threshold": 1e9})
+    fit(model, guide, x, batch_size=16, num_epochs=3, num_steps=2, optim=plateau, seed=0, progress=False)
+    (scheduler,) = plateau.optim_objs.values()
+    # stepped once per epoch with a loss; an impossible threshold makes every epoch a plateau
+    assert scheduler.last_epoch == 3 and scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 8)
+
+
 def test_options_are_checked_when_the_object_is_built():
     with pytest.raises(TypeError, match="optim must be a pyro.optim optimiser"):
         LPC(model, guide, torch.optim.Adam)
-    with pytest.raises(TypeError, match="jit_options"):
+    with pytest.raises(TypeError, match="jit_options must be a dict"):
         LPC(model, guide, pyro.optim.Adam({}), jit_compile=True, jit_options="inductor")
+    with pytest.raises(ValueError, match="pass jit_compile=True too"):
+        LPC(model, guide, pyro.optim.Adam({}), jit_options={})
     with pytest.raises(TypeError, match="jit_compile must be True or False"):
         LPC(model, guide, pyro.optim.Adam({}), jit_compile={})
     with pytest.raises(ValueError, match="keep"):
