@@ -16,7 +16,7 @@ allocation on a GPU) for several K, to show it does not grow with K.
 
 ``fit`` is timed three times: as is; with ``jit_compile=True`` (the chains'
 energy and gradient recorded once per batch shape, :mod:`pyro_lpc.compiled`);
-and with ``jit_compile={}`` (that recording compiled by ``torch.compile``). The
+and with ``jit_options={}`` (that recording compiled by ``torch.compile``). The
 first iteration, which records (and compiles), is reported on its own. Last,
 cProfile splits ``fit``'s time (not compiled) into the phases of an iteration
 (``--profile-iterations``; cProfile inflates the Python-heavy parts).

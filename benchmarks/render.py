@@ -121,8 +121,8 @@ EQUAL_ITERATIONS = 16000
 FRACTIONS = (1 / 6, 0.5, 1.0)  # per_second.py's snapshot fractions of the budget
 METHOD_NAMES = {
     "VAE": "VAE, Pyro `SVI(Trace_ELBO)`",
-    "LPC auto, tolerance 3, compiled": "LPC `num_steps=AdaptiveSteps(tolerance=3)`, `jit_compile={}`",
-    "LPC K=5, keep last, η adapted, compiled": "LPC K = 5, `keep=\"last\"`, `target_accept=0.57`, `jit_compile={}`",
+    "LPC auto, tolerance 3, compiled": "LPC `num_steps=AdaptiveSteps(tolerance=3)`, `jit_compile=True, jit_options={}`",
+    "LPC K=5, keep last, η adapted, compiled": "LPC K = 5, `keep=\"last\"`, `target_accept_prob=0.57`, `jit_compile=True, jit_options={}`",
 }
 
 
@@ -242,7 +242,7 @@ STEP_NAMES = {
     "plain-torch ∇z energy": "plain-torch ∇z of −log p(x, z)",
     "fit's step": "`fit`'s step, Pyro evaluation",
     "fit's step, recorded": "`fit`'s step, `jit_compile=True` (recorded)",
-    "fit's step, compiled": "`fit`'s step, `jit_compile={}` (compiled)",
+    "fit's step, compiled": "`fit`'s step, `jit_options={}` (compiled)",
 }
 
 
@@ -293,7 +293,7 @@ def fit_overhead_table(records: List[dict]) -> str:
         rows.append([where, f"{r['hand_ms']:.2f}"] + [
             f"{r['fit_ms'][v]:.2f} ({ratio(r['fit_ms'][v], r['hand_ms'])})" if v in r["fit_ms"] else "—"
             for v in FIT_VARIANTS] + [f"`{r['command']}`"])
-    return table(["device", "hand-written PyTorch", "`fit`", "`fit(jit_compile=True)`", "`fit(jit_compile={})`",
+    return table(["device", "hand-written PyTorch", "`fit`", "`fit(jit_compile=True)`", "`fit(jit_options={})`",
                   "command"], rows)
 
 

@@ -13,7 +13,7 @@ batch 100). Timed, in one process, median over repetitions after a warm-up:
   the preconditioned proposal, the MALA acceptance diagnostic);
 * ``fit's step, recorded``: the same with ``fit(jit_compile=True)``'s recorded
   energy and gradient (:mod:`pyro_lpc.compiled`: one ``make_fx`` graph per batch shape);
-* ``fit's step, compiled``: ``fit(jit_compile={})``, that recording compiled by
+* ``fit's step, compiled``: ``fit(jit_compile=True, jit_options={})``, that recording compiled by
   ``torch.compile`` (Inductor; ``--compile-options`` to pass others, e.g.
   ``'{"mode": "reduce-overhead"}'`` for CUDA graphs on a GPU). Compile time is
   reported separately.
