@@ -217,6 +217,12 @@ class PCLangevin(MCMCKernel):
                 "PCLangevin with `potential_fn` needs initial parameters: pass "
                 "`initial_params=` to pyro.infer.MCMC."
             )
+        if not self._initial_params:
+            # Every latent is collapsed or enumerated: nothing to move. As Pyro's HMC,
+            # `sample` then returns its (empty) params unchanged.
+            self._state = None
+            self._check_initial_state()
+            return
         self._value_and_grad = langevin.value_and_grad(self._potential)
         position = {k: v.detach() for k, v in self._initial_params.items()}
         self._state = langevin.init(position, self._value_and_grad, self.precondition)
@@ -246,6 +252,16 @@ class PCLangevin(MCMCKernel):
 
     def _check_initial_state(self):
         state = self._state
+        if state is None:  # no continuous latent: U = -log p(x) is a constant
+            potential = self._potential({})
+            if not torch.isfinite(potential).all():
+                sites = nonfinite_sites(self.model, self._args, self._kwargs, {}, self.transforms)
+                raise ValueError(
+                    f"The model has no continuous latent site, and its log-density is not "
+                    f"finite for these data (U = {potential.item()}); non-finite log-density "
+                    f"at site(s) {sites}."
+                )
+            return
         finite = bool(torch.isfinite(state.potential).all()) and all(
             bool(torch.isfinite(g).all()) for g in state.grad.values()
         )
@@ -264,6 +280,11 @@ class PCLangevin(MCMCKernel):
         )
 
     def sample(self, params):
+        if self._state is None:  # no continuous latent (see `setup`): as Pyro's HMC
+            self._t += 1
+            self._mean_accept_prob = 1.0
+            self._accept_cnt += self._t > self._warmup_steps
+            return params
         warmup = self._t < self._warmup_steps
         # Warm-up applies the Metropolis test whenever it is exact (P constant along
         # the chain), so tuning happens in the typical set; the per-chain kinds warm up

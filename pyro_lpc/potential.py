@@ -74,7 +74,10 @@ def joint_potential(
 ) -> JointPotential:
     """Build the unconstrained energy of `model` with `initialize_model`.
 
-    Raises `ValueError` when the model has no continuous latent site.
+    Discrete latent sites with finite support are enumerated and summed out, as
+    for Pyro's HMC. When nothing continuous is left (every latent collapsed or
+    enumerated, e.g. under Pyro's `collapse_conjugate`), `initial_params` is
+    empty and `potential_fn({})` is the constant `-log p(x)`.
     """
     init_strategy = init_strategy or init_to_uniform
     try:
@@ -100,12 +103,6 @@ def joint_potential(
             "The potential energy is not finite at any initial point tried (100 draws of "
             f"the init strategy); non-finite log-density at site(s) {nonfinite_in_trace(trace)}."
         ) from error
-    if not params:
-        observed = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
-        raise ValueError(
-            "The model has no continuous latent sample site to run Langevin dynamics "
-            f"on (sample sites found: {observed or 'none'}; all observed or enumerated)."
-        )
     return JointPotential(params, potential_fn, transforms, trace)
 
 
