@@ -41,6 +41,14 @@ Preconditioners (`kind`):
   `v̂_k = v_k / (1 - β2^k)`.
 * `"adam"` – as `"rmsprop"`, with the bias-corrected first moment `m̂_k`
   (β1) replacing the gradient in the drift. ULA only.
+* `"variance"` (posterior sampling only) – a fixed diagonal `P` set by the
+  caller, e.g. the posterior variance estimated during warm-up
+  (`pyro_lpc.adaptation`); `P = 1` until then.
+* `"dense"` (posterior sampling only) – a fixed full `P = L Lᵀ` over the
+  flattened coordinates (sites in `position` order, [`flatten`][pyro_lpc.langevin.flatten]),
+  held as its Cholesky factor `L`; the step is
+  `z' = z - η P ∇U(z) + sqrt(2η) L ξ` and
+  `log q(z' | z) = -(z' - z + ηP∇U)ᵀ P⁻¹ (z' - z + ηP∇U) / (4η)`, by triangular solves.
 
 Example: 1,000 MALA chains on N(0, 1/4), one per row, with a shared diagonal
 preconditioner refreshed once after the first 50 steps:
@@ -73,6 +81,8 @@ Position = Dict[str, torch.Tensor]
 PotentialAndGrad = Callable[[Position], "tuple[torch.Tensor, Position]"]
 
 PRECONDITIONERS = (None, "diagonal", "rmsprop", "adam")
+#: Kinds for posterior sampling only (`PCLangevin`): a fixed `P` set by warm-up adaptation.
+SAMPLING_PRECONDITIONERS = PRECONDITIONERS + ("variance", "dense")
 #: The paper's per-chain kinds: ``P`` changes at every step, so no Metropolis test is exact.
 PER_CHAIN = ("rmsprop", "adam")
 #: The MALA acceptance probability that step sizes are tuned towards: optimal for MALA in high
@@ -83,12 +93,14 @@ BETA1, BETA2, EPSILON = 0.9, 0.99, 1e-5
 
 
 class Preconditioner(NamedTuple):
-    """Statistics of a diagonal preconditioner.
+    """Statistics of a preconditioner.
 
     `second_moment` holds `v` (per coordinate for `"diagonal"`; per chain
     and coordinate for `"rmsprop"`/`"adam"`), `first_moment` holds `m`
     (`"adam"` only), `count` the number of updates folded into them (for
-    bias correction) and `scale` the `P` that [`step`][pyro_lpc.langevin.step] applies.
+    bias correction) and `scale` the diagonal `P` that [`step`][pyro_lpc.langevin.step]
+    applies (for `"dense"`, the diagonal of `P`, whose keys fix the flattening order).
+    `cholesky` is `"dense"`'s lower Cholesky factor `L` of `P` (`None` otherwise).
     """
 
     kind: Optional[str]
@@ -99,6 +111,7 @@ class Preconditioner(NamedTuple):
     beta1: float = BETA1
     beta2: float = BETA2
     epsilon: float = EPSILON
+    cholesky: Optional[torch.Tensor] = None
 
 
 class LangevinState(NamedTuple):
@@ -154,6 +167,17 @@ def check_precondition(kind: Optional[str], adjust: bool = False) -> None:
         )
 
 
+def check_sampling_precondition(kind: Optional[str], adjust: bool = False) -> None:
+    """As [`check_precondition`][pyro_lpc.langevin.check_precondition], also accepting the
+    posterior-sampling kinds `"variance"` and `"dense"` (fixed `P`, so MALA is exact)."""
+    if kind not in SAMPLING_PRECONDITIONERS:
+        raise ValueError(
+            f"Unknown preconditioner {kind!r}; choose one of {list(SAMPLING_PRECONDITIONERS)}."
+        )
+    if kind in PRECONDITIONERS:
+        check_precondition(kind, adjust)
+
+
 def check_step_size(step_size) -> float:
     """Return `step_size` as a float, or raise if it is not a finite positive number."""
     try:
@@ -199,7 +223,15 @@ def init_preconditioner(
     epsilon: float = EPSILON,
 ) -> Preconditioner:
     """Fresh statistics (`v = 0`, `P = 1`) shaped for `position`."""
-    check_precondition(kind)
+    check_sampling_precondition(kind)
+    if kind in ("variance", "dense"):
+        scale = {k: torch.ones_like(v[(0,) * batch_ndim]) for k, v in position.items()}
+        cholesky = None
+        if kind == "dense":
+            like = next(iter(scale.values()), torch.zeros(()))
+            size = sum(v.numel() for v in scale.values())
+            cholesky = torch.eye(size, dtype=like.dtype, device=like.device)
+        return Preconditioner(kind, {}, {}, 0, scale, beta1, beta2, epsilon, cholesky)
     if kind == "diagonal":
         second = {k: torch.zeros_like(v[(0,) * batch_ndim]) for k, v in position.items()}
     elif kind in ("rmsprop", "adam"):
@@ -216,8 +248,9 @@ def accumulate(precond: Preconditioner, grad: Position, batch_ndim: int = 0) -> 
 
     `"diagonal"` averages `g²` over the chain dimensions first, so all chains
     share one estimate per coordinate; the per-chain kinds keep one per chain.
+    `"variance"` and `"dense"` keep no gradient statistics (unchanged).
     """
-    if precond.kind is None:
+    if precond.kind in (None, "variance", "dense"):
         return precond
     b1, b2 = precond.beta1, precond.beta2
     second, first = {}, {}
@@ -232,8 +265,9 @@ def accumulate(precond: Preconditioner, grad: Position, batch_ndim: int = 0) -> 
 
 
 def refresh(precond: Preconditioner) -> Preconditioner:
-    """Set `P = 1 / (sqrt(v / (1 - β2^n)) + λ)` from the current statistics."""
-    if precond.kind is None or precond.count == 0:
+    """Set `P = 1 / (sqrt(v / (1 - β2^n)) + λ)` from the current statistics
+    (gradient kinds only; `"variance"` and `"dense"` are unchanged)."""
+    if precond.kind in (None, "variance", "dense") or precond.count == 0:
         return precond
     correction = 1.0 - precond.beta2**precond.count
     scale = {
@@ -255,10 +289,48 @@ def _scale_of(precond: Preconditioner, name: str, like: torch.Tensor) -> torch.T
     return precond.scale[name] if precond.kind is not None else torch.ones_like(like)
 
 
+def flatten(position: Position, names, batch_ndim: int = 0) -> torch.Tensor:
+    """The sites `names` of `position`, each flattened over its event dims and concatenated
+    in that order: shape `batch_shape + (D,)`."""
+    return torch.cat([position[k].reshape(position[k].shape[:batch_ndim] + (-1,)) for k in names], -1)
+
+
+def unflatten(vector: torch.Tensor, like: Position, batch_ndim: int = 0) -> Position:
+    """Inverse of [`flatten`][pyro_lpc.langevin.flatten] with `names = list(like)`: split the last
+    dim of `vector` into the sites of `like`, shaped as their event dims."""
+    out, start = {}, 0
+    for name, x in like.items():
+        event = x.shape[batch_ndim:]
+        size = math.prod(event)
+        out[name] = vector[..., start : start + size].reshape(vector.shape[:-1] + event)
+        start += size
+    return out
+
+
+def _dense_whiten(precond: Preconditioner, x: Position, batch_ndim: int) -> torch.Tensor:
+    """`L⁻¹ x` (flattened) by a triangular solve, for `"dense"`."""
+    flat = flatten(x, precond.scale, batch_ndim).unsqueeze(-1)
+    return torch.linalg.solve_triangular(precond.cholesky, flat, upper=False).squeeze(-1)
+
+
+def squared_norm(precond: Preconditioner, x: Position, batch_ndim: int = 0) -> torch.Tensor:
+    """`xᵀ P⁻¹ x` per chain, the squared length of `x` in `P`'s metric."""
+    if precond.kind == "dense":
+        return _dense_whiten(precond, x, batch_ndim).square().sum(-1)
+    total = 0.0
+    for name, v in x.items():
+        total = total + _sum_event(v.square() / _scale_of(precond, name, v), batch_ndim)
+    return total
+
+
 def _log_proposal(
     to: Position, frm: Position, grad_frm: Position, precond, step_size: float, batch_ndim: int
 ) -> torch.Tensor:
     """`log q(to | frm)` up to a constant that cancels (`P` is the same both ways)."""
+    if precond.kind == "dense":
+        drift = _dense_drift(precond, grad_frm, batch_ndim)
+        diff = {k: x - frm[k] + step_size * drift[k] for k, x in to.items()}
+        return -squared_norm(precond, diff, batch_ndim) / (4.0 * step_size)
     total = 0.0
     for name, x in to.items():
         scale = _scale_of(precond, name, x)
@@ -290,8 +362,26 @@ def standard_normal(like: Position, generator: Optional[torch.Generator] = None)
     return {name: torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) for name, z in like.items()}
 
 
+def _dense_drift(precond: Preconditioner, grad: Position, batch_ndim: int) -> Position:
+    """`P g = L (Lᵀ g)` per site, for `"dense"`."""
+    cholesky = precond.cholesky
+    grad = {k: grad[k] for k in precond.scale}
+    return unflatten((flatten(grad, grad, batch_ndim) @ cholesky) @ cholesky.mT, grad, batch_ndim)
+
+
+def _propose_dense(state: LangevinState, step_size: float, batch_ndim: int, noise: Position) -> Position:
+    """`z - η P g + sqrt(2η) L ξ` for `"dense"`."""
+    precond = state.precond
+    drift = _dense_drift(precond, state.grad, batch_ndim)
+    noise = {k: noise[k] for k in precond.scale}
+    spread = unflatten(flatten(noise, noise, batch_ndim) @ precond.cholesky.mT, noise, batch_ndim)
+    root = math.sqrt(2.0 * step_size)
+    return {k: z - step_size * drift[k] + root * spread[k] for k, z in state.position.items()}
+
+
 def propose(state: LangevinState, step_size: float, batch_ndim: int = 0, noise: Optional[Position] = None):
-    """The Langevin proposal `z - η P ⊙ d + sqrt(2ηP) ⊙ ξ` from `state`.
+    """The Langevin proposal `z - η P ⊙ d + sqrt(2ηP) ⊙ ξ` from `state`
+    (`z - η P g + sqrt(2η) L ξ` for `"dense"`).
 
     Returns `(precond, direction, proposal, noise)`: the preconditioner used
     (the per-chain kinds first fold in the current gradient), the drift direction
@@ -304,6 +394,8 @@ def propose(state: LangevinState, step_size: float, batch_ndim: int = 0, noise: 
         precond = refresh(accumulate(precond, state.grad, batch_ndim))
     direction = _drift_direction(precond, state.grad)
     noise = standard_normal(state.position) if noise is None else noise
+    if precond.kind == "dense":
+        return precond, direction, _propose_dense(state, step_size, batch_ndim, noise), noise
     proposal = {}
     for name, z in state.position.items():
         scale = _scale_of(precond, name, z)
@@ -326,7 +418,7 @@ def step(
     Non-finite proposals (potential or gradient) are reported in `info.diverged`
     and rejected, under ULA too: such a chain stays where it was.
     """
-    check_precondition(state.precond.kind, adjust)
+    check_sampling_precondition(state.precond.kind, adjust)
     precond, _, proposal, noise = propose(state, step_size, batch_ndim)
     new_potential, new_grad = potential_and_grad(proposal)
     accept_prob, diverged = accept_probability(state, proposal, noise, new_potential, new_grad, precond,

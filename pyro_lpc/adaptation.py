@@ -1,0 +1,130 @@
+r"""Warm-up adaptation for `PCLangevin`: Stan's windows and the posterior (co)variance.
+
+[`adaptation_windows`][pyro_lpc.adaptation.adaptation_windows] splits warm-up into
+Stan's fast and slow windows. [`WindowCovariance`][pyro_lpc.adaptation.WindowCovariance]
+collects the chain's positions during one slow window (Welford's scheme, Pyro's
+`pyro.ops.welford.WelfordCovariance`) and, at the window's end, sets the
+preconditioner to the regularised estimate (as Stan's and Pyro's HMC)
+
+$$
+P = \frac{n}{n + 5} \hat\Sigma + 10^{-3} \frac{5}{n + 5} I,
+$$
+
+the variance of each unconstrained coordinate (`"variance"`) or their full
+covariance (`"dense"`, held as its Cholesky factor), so that the Langevin
+step whitens the posterior.
+"""
+from __future__ import annotations
+
+import torch
+from pyro.ops.welford import WelfordCovariance
+
+from .langevin import Position, Preconditioner, flatten, unflatten
+
+#: Fraction of warm-up in the terminal window that tunes η against the final ``P``.
+TERMINAL_FRACTION = 0.25
+
+
+def adaptation_windows(warmup_steps: int):
+    """Warm-up windows `[(start, end), ...]` (inclusive step indices), as Stan's.
+
+    An initial fast window (75 steps, or 15 % of a short warm-up) tunes the step
+    size only; slow windows of doubling length (from 25 steps; the last one
+    stretched to fill) also adapt `P`, and the step size restarts after each;
+    a terminal fast window tunes the step size against the frozen `P`. Below
+    20 steps there is one window and only the step size adapts. The terminal
+    window is `TERMINAL_FRACTION` of warm-up, longer than Stan's 10 %: a single
+    MALA proposal's acceptance probability is a noisier signal than NUTS's
+    trajectory average (10-d Gaussian, 5 seeds, 500 warm-up steps: acceptance
+    0.42–0.69 with 10 %, 0.54–0.63 with 25 %).
+
+    ```python
+    >>> adaptation_windows(500)
+    [(0, 74), (75, 99), (100, 149), (150, 374), (375, 499)]
+    >>> adaptation_windows(20)
+    [(0, 2), (3, 14), (15, 19)]
+    >>> adaptation_windows(10)
+    [(0, 9)]
+
+    ```
+    """
+    if warmup_steps < 20:
+        return [(0, warmup_steps - 1)]
+    start = min(75, int(0.15 * warmup_steps))
+    end = warmup_steps - int(TERMINAL_FRACTION * warmup_steps)
+    windows, size = [(0, start - 1)], min(25, end - start)
+    while start < end:
+        if 3 * size > end - start:
+            size = end - start
+        windows.append((start, start + size - 1))
+        start, size = start + size, 2 * size
+    return windows + [(end, warmup_steps - 1)]
+
+
+class WindowCovariance:
+    r"""Welford estimate of the posterior (co)variance over one slow window.
+
+    `update` folds in one position and its gradient (a single chain's, sites
+    flattened in `position` order); `preconditioner` returns `precond` with `P`
+    set from the window and starts the next window afresh.
+
+    The diagonal estimate is $P = \sqrt{\widehat{\mathrm{Var}}(z) / \widehat{\mathrm{Var}}(\nabla U)}$
+    per coordinate (Stan-regularised $\widehat{\mathrm{Var}}(z)$), as nutpie's
+    mass-matrix adaptation (Seyboldt 2023): on a Gaussian $\nabla U$ is linear in
+    $z$, so it equals the posterior variance $\sigma^2$ from any window, however
+    little the chain has moved. The sample variance alone only grows by the
+    distance the chain diffused (8-d Gaussian, σ in [1e-2, 1e2], 2,000 warm-up
+    steps: min ESS 18 of 4,000 draws with it, 1,062 with this). The dense estimate
+    (`dense=True, final=True`) is the Stan-regularised sample covariance; earlier
+    windows of a dense run use the diagonal estimate so that the chain explores
+    well before the covariance is taken.
+
+    ```python
+    >>> from pyro_lpc import langevin
+    >>> precond = langevin.init_preconditioner("variance", {"z": torch.zeros(2)})
+    >>> window = WindowCovariance(dense=False)
+    >>> for z in ([0.0, 1.0], [2.0, 1.0], [4.0, 1.0]):  # U = z·z / 8: ∇U = z / 4
+    ...     window.update({"z": torch.tensor(z)}, {"z": torch.tensor(z) / 4})
+    >>> window.preconditioner(precond).scale["z"]  # √((3/8·4 + 1e-3·5/8) / (4/16)); 1e-3·5/8
+    tensor([2.4500e+00, 6.2500e-04])
+
+    ```
+    """
+
+    def __init__(self, dense: bool):
+        self.dense = dense
+        self._position = WelfordCovariance(diagonal=True)
+        self._grad = WelfordCovariance(diagonal=True)
+        self._covariance = WelfordCovariance(diagonal=False) if dense else None
+
+    @property
+    def num_samples(self) -> int:
+        return self._position.n_samples
+
+    def update(self, position: Position, grad: Position) -> None:
+        z = flatten(position, position)
+        self._position.update(z)
+        self._grad.update(flatten(grad, grad))
+        if self._covariance is not None:
+            self._covariance.update(z)
+
+    def preconditioner(self, precond: Preconditioner, final: bool = True) -> Preconditioner:
+        """`precond` with `P` set from this window (needs two or more samples); for
+        `"dense"`, the full covariance when `final`, else the diagonal estimate."""
+        if self.num_samples < 2:
+            raise ValueError(
+                f"A window needs at least 2 samples to estimate the posterior variance, "
+                f"got {self.num_samples}."
+            )
+        var = self._position.get_covariance(regularize=True)
+        grad_var = self._grad.get_covariance(regularize=False)
+        var = torch.where(grad_var > 0, (var / grad_var).sqrt(), var)
+        cov = self._covariance.get_covariance(regularize=True) if self.dense and final else None
+        for welford in (self._position, self._grad, self._covariance):
+            if welford is not None:
+                welford.reset()
+        if not self.dense:
+            return precond._replace(scale=unflatten(var, precond.scale))
+        if cov is None:
+            return precond._replace(scale=unflatten(var, precond.scale), cholesky=torch.diag(var.sqrt()))
+        return precond._replace(scale=unflatten(cov.diagonal(), precond.scale), cholesky=torch.linalg.cholesky(cov))
