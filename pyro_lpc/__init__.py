@@ -2,9 +2,11 @@
 from .fit import fit
 from .kernel import PCLangevin
 from .lpc import LPC, NonFiniteError
+from .posterior import infer_posterior
 from .schedule import AdaptiveSteps
 from .training import FitResult
 from .warm_start import WarmStart
 
-__all__ = ["PCLangevin", "WarmStart", "LPC", "fit", "FitResult", "NonFiniteError", "AdaptiveSteps"]
+__all__ = ["PCLangevin", "WarmStart", "LPC", "fit", "infer_posterior", "FitResult", "NonFiniteError",
+           "AdaptiveSteps"]
 __version__ = "0.1.0"

@@ -309,28 +309,12 @@ class LPC:
         [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] is rebound to this batch and the guide's draws (the
         first batch of those shapes was checked against the model)."""
         try:
-            if self.warm is not None:
-                guide_trace = self.warm.draw(args, kwargs)
-                replay = subsample_trace(guide_trace)
-                # the model sites' values (an autoguide's auxiliary sites are the guide's own)
-                start = {n: v.detach() for n, v in self.warm.values(guide_trace).items()}
-                if reuse_structure and self._reusable(args, kwargs, replay, start):
-                    return guide_trace, self._structure.rebind(args, kwargs, replay), start
-            else:
-                guide_trace = None
-                with torch.no_grad():
-                    prior = poutine.trace(self.model).get_trace(*args, **kwargs)
-                replay = subsample_trace(prior)
-                start = {n: prior.nodes[n]["value"] for n in latent_sites(prior)}
+            guide_trace, replay, start = draw_starts(self.model, self.warm, args, kwargs)
+            if guide_trace is not None and reuse_structure and self._reusable(args, kwargs, replay, start):
+                return guide_trace, self._structure.rebind(args, kwargs, replay), start
             if self.sampler_state.global_position is not None:
                 start.update(self.sampler_state.global_values)
-            for name, value in start.items():  # replay (not condition): latents stay latent
-                replay.add_node(name, type="sample", is_observed=False, value=value, infer={})
-            with torch.no_grad():
-                prototype = poutine.trace(poutine.replay(self.model, trace=replay)).get_trace(*args, **kwargs)
-                prototype.compute_log_prob()  # surfaces shape errors between model and batch
-            # latents the guide left out (globals on the first batch) start from the prior
-            start = {n: prototype.nodes[n]["value"].detach() for n in latent_sites(prototype)}
+            prototype, start = prototype_trace(self.model, args, kwargs, replay, start)
         except Exception as error:
             message = (
                 f"The model or guide failed on iteration {self.iteration} with a batch of shape(s) "
@@ -338,7 +322,7 @@ class LPC:
             )
             raise RuntimeError(message) from error
         energy = SplitEnergy(self.model, args, kwargs, prototype, self.data_plate)
-        self._check_sites(energy, guide_trace)
+        check_sites(energy, self.warm, guide_trace, self.adjust)
         if repr(energy.shapes) not in self._factorising_shapes:  # structural: once per batch shape
             energy.check_factorises(start)
             self._factorising_shapes.add(repr(energy.shapes))
@@ -346,7 +330,8 @@ class LPC:
         if self.sampler_state.global_position is None and energy.globals:
             self.group.broadcast([start[n] for n in energy.globals])  # one global chain for all ranks
             values = {n: start[n] for n in energy.globals}
-            self.sampler_state = self.sampler_state._replace(global_position=energy.unconstrain(values), global_values=values)
+            self.sampler_state = self.sampler_state._replace(global_position=energy.unconstrain(values),
+                                                             global_values=values)
         return guide_trace, energy, start
 
     def _reusable(self, args, kwargs, replay, start) -> bool:
@@ -360,26 +345,6 @@ class LPC:
         return (structure is not None and self.backend.traces_every_call and not structure.globals
                 and structure.shapes == batch_shapes(args, kwargs)
                 and set(start) == set(structure.local) and set(structure.replay.nodes) <= set(replay.nodes))
-
-    def _check_sites(self, energy: SplitEnergy, guide_trace):
-        if not energy.transforms:
-            raise ValueError(
-                "The model has no latent sample site: there is nothing for Langevin dynamics to "
-                "sample (LPC learns parameters through the posterior of latent variables)."
-            )
-        if self.adjust and energy.globals:
-            raise ValueError(
-                f"adjust=True needs every latent site to be local to the data plate, but "
-                f"{energy.globals} are global (outside plate "
-                f"{energy.plate.name if energy.plate else 'None'!r}); their persistent chains "
-                "use mini-batch energies, which admit no Metropolis test. Use adjust=False."
-            )
-        if guide_trace is None:
-            return
-        check_guide_sites(guide_trace, energy.transforms, energy.local,
-                          why=f" (inside plate '{energy.plate.name if energy.plate else None}'); the warm start "
-                              "needs a draw for every local latent. Global latents may be left out.")
-        self.warm.check(guide_trace, energy.transforms)
 
     def _run_chains(self, energy: SplitEnergy, start, num_steps: int, keep, move_globals: bool):
         """The chains from `start` ([`pyro_lpc.chains.run`][pyro_lpc.chains.run]); `move_globals=False` holds
@@ -493,6 +458,54 @@ class LPC:
             f"updated and hold their last finite values; try a smaller step_size "
             f"(now {self.step_size:g}) or a smaller learning rate."
         )
+
+
+def draw_starts(model, warm: Optional[WarmStart], args, kwargs):
+    """A batch's chain starts: `(guide trace, replay, start)` — the guide's trace and the values it
+    gives the model's latents (an autoguide's auxiliary sites are its own), or encoder-free
+    (`warm=None`) no trace and the prior's draws; `replay` holds the subsample indices drawn."""
+    if warm is not None:
+        guide_trace = warm.draw(args, kwargs)
+        return guide_trace, subsample_trace(guide_trace), {n: v.detach() for n, v in warm.values(guide_trace).items()}
+    with torch.no_grad():
+        prior = poutine.trace(model).get_trace(*args, **kwargs)
+    return None, subsample_trace(prior), {n: prior.nodes[n]["value"] for n in latent_sites(prior)}
+
+
+def prototype_trace(model, args, kwargs, replay: poutine.Trace, start: dict):
+    """One model trace that replays `start` (latents stay latent) and the subsample indices in
+    `replay` — what a batch's [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] is built from — and
+    the start completed with the prior's draws for latents `start` leaves out (global latents
+    the guide has no site for). Shape errors between model and batch surface here."""
+    for name, value in start.items():
+        replay.add_node(name, type="sample", is_observed=False, value=value, infer={})
+    with torch.no_grad():
+        prototype = poutine.trace(poutine.replay(model, trace=replay)).get_trace(*args, **kwargs)
+        prototype.compute_log_prob()
+    return prototype, {n: prototype.nodes[n]["value"].detach() for n in latent_sites(prototype)}
+
+
+def check_sites(energy: SplitEnergy, warm: Optional[WarmStart], guide_trace, adjust: bool) -> None:
+    """Refuse a model without latents, MALA with global latents, and a guide that does not draw
+    the model's local latents (or whose warm-start objective is undefined), naming the sites."""
+    if not energy.transforms:
+        raise ValueError(
+            "The model has no latent sample site: there is nothing for Langevin dynamics to "
+            "sample (LPC learns parameters through the posterior of latent variables)."
+        )
+    if adjust and energy.globals:
+        raise ValueError(
+            f"adjust=True needs every latent site to be local to the data plate, but "
+            f"{energy.globals} are global (outside plate "
+            f"{energy.plate.name if energy.plate else 'None'!r}); their persistent chains "
+            "use mini-batch energies, which admit no Metropolis test. Use adjust=False."
+        )
+    if guide_trace is None:
+        return
+    check_guide_sites(guide_trace, energy.transforms, energy.local,
+                      why=f" (inside plate '{energy.plate.name if energy.plate else None}'); the warm start "
+                          "needs a draw for every local latent. Global latents may be left out.")
+    warm.check(guide_trace, energy.transforms)
 
 
 def check_keep(keep, max_steps: int):
