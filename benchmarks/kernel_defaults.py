@@ -13,7 +13,7 @@ b. a 10-d Gaussian ``N(0, diag(σ²))``, σ evenly spaced over [0.1, 1] (exact
    answer: mean 0, sd σ; the table shows the first and last coordinate).
 
 Samplers: NUTS (Pyro's defaults), ``PCLangevin(model)`` (the defaults: MALA,
-diagonal preconditioner), and ``PCLangevin(model, adjust=False)`` (ULA at the
+"variance" preconditioner), and ``PCLangevin(model, adjust=False)`` (ULA at the
 step size warm-up tuned for the same acceptance). Each row prints the posterior
 mean and standard deviation of a site with their Monte Carlo standard errors
 (``arviz.mcse``, from ArviZ's effective sample size), and the ratio of the

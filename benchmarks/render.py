@@ -523,12 +523,13 @@ def kernel_defaults(records: Records) -> str:
 
 {source(rec)}. One chain, {rec['samples']['MALA']:,} draws for MALA and ULA ({rec['samples']['NUTS']:,} for NUTS);
 posterior sd ± its Monte Carlo standard error; in brackets, ULA's sd over the reference (NUTS's for the
-normal model, the exact 0.1 for the Gaussian). ULA runs at the step size warm-up tuned for MALA's 57 %
-acceptance.
+normal model, the exact sd for the Gaussian). ULA runs at the step size warm-up tuned for MALA's 57 %
+acceptance; the defaults are those of the record's date (since 2026-12-02 the preconditioner is
+`"variance"`).
 
 {table(["model", "site"] + [s + (" (default)" if s == "MALA" else "") for s in samplers], rows)}
 
-MALA matches NUTS within Monte Carlo error; ULA's discretisation bias doubles σ's sd, and it took
+MALA matches NUTS within Monte Carlo error; ULA's discretisation bias inflates the sds, and it took
 {divergences:.0f} of its steps on the normal model past its stability limit. `PCLangevin` therefore defaults
 to MALA (`adjust=True`).
 """
