@@ -564,6 +564,24 @@ pay on the logistic regression.{notes(rec)}
 """
 
 
+def kernel_vectorized(records: Records) -> str:
+    rec = records.take("kernel_vectorized")
+    titles = {"logistic": "logistic regression, 100-d", "ill": "8-d Gaussian, σ in [1e-2, 1e2]"}
+    rows = [[titles[r["problem"]], r["sampler"], r["chains"], f"{r['warmup']:,} + {r['draws']:,}", fmt(r["seconds"], 1),
+             f"{r['min_ess']:.0f}", fmt(r["ess_per_s"], 1), r["divergences"]] for r in rec["runs"]]
+    return f"""### Vectorised chains (`benchmarks/kernel_vectorized.py`)
+
+{source(rec)}. `VectorizedMCMC(PCLangevin(model), num_chains=C)` (MALA, `"variance"`, all chains in one
+model evaluation per step) against Pyro's NUTS through `pyro.infer.MCMC` (with `num_chains=2` Pyro drew
+the chains one after the other: it keeps one of the 2 cores for the main process). Min bulk ESS (ArviZ)
+of all chains together over the wall time of the whole run, warm-up included; one torch thread;
+{rec['load_before']} before, {rec['load_after']} after.
+
+{table(["model", "sampler", "chains", "warm-up + draws", "s", "min ESS", "ESS / s", "divergences"], rows)}
+{notes(rec)}
+"""
+
+
 def forward_kl_samples(records: Records) -> str:
     rec = records.take("forward_kl_samples")
     rows = [[seed, fmt(s["runs"]["last"]["kl"][-1], 3), fmt(s["runs"]["all"]["kl"][-1], 3),
@@ -670,7 +688,7 @@ Superseded {first['superseded']}. Commands: {'; '.join(f"`{records.records[n]['c
 
 # -- the page --------------------------------------------------------------------------------------
 STUDIES = [per_second, step_cost, fit_overhead, mnist, cifar10, step_size, kernel, kernel_defaults,
-           kernel_preconditioners, forward_kl_samples, distributed, cli_train]
+           kernel_preconditioners, kernel_vectorized, forward_kl_samples, distributed, cli_train]
 
 
 def render(folder: Path = RESULTS) -> str:

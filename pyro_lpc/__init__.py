@@ -5,8 +5,9 @@ from .lpc import LPC, NonFiniteError
 from .posterior import infer_posterior
 from .schedule import AdaptiveSteps
 from .training import FitResult
+from .vectorized import VectorizedMCMC
 from .warm_start import WarmStart
 
 __all__ = ["PCLangevin", "WarmStart", "LPC", "fit", "infer_posterior", "FitResult", "NonFiniteError",
-           "AdaptiveSteps"]
+           "AdaptiveSteps", "VectorizedMCMC"]
 __version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""VectorizedMCMC: C PCLangevin chains in one process against exact posteriors and Pyro's tooling.
+
+Tolerances: a posterior mean is checked to 5 Monte Carlo standard errors, ``5 sd / sqrt(ESS)``,
+a posterior variance to ``5 var sqrt(2 / ESS)`` (the MCSE of a variance estimate from ESS
+effectively independent draws of a Gaussian), with ESS from all chains together
+(:func:`pyro.ops.stats.effective_sample_size`). Seeds are fixed.
+"""
+import arviz
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.ops.stats import effective_sample_size
+
+from pyro_lpc import PCLangevin, VectorizedMCMC
+
+
+def run(kernel, *args, num_chains=4, num_samples=2000, warmup_steps=1000, seed=0, **kwargs):
+    pyro.set_rng_seed(seed)
+    mcmc = VectorizedMCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+                          disable_progbar=True, **kwargs)
+    mcmc.run(*args)
+    return mcmc
+
+
+def assert_moments(samples, mean, var, num_se=5.0):
+    """``samples``: [C, draws, ...]; compare each coordinate to the exact mean and variance."""
+    samples = samples.reshape(samples.shape[:2] + (-1,))
+    ess = effective_sample_size(samples, chain_dim=0, sample_dim=1)
+    flat = samples.reshape(-1, samples.shape[-1])
+    mean, var = torch.as_tensor(mean).reshape(-1), torch.as_tensor(var).reshape(-1)
+    assert torch.all(ess > 100), ess  # below that the MCSE itself is unreliable
+    assert torch.all((flat.mean(0) - mean).abs() < num_se * (var / ess).sqrt()), (flat.mean(0), mean, ess)
+    assert torch.all((flat.var(0) - var).abs() < num_se * var * (2.0 / ess).sqrt()), (flat.var(0), var, ess)
+
+
+# -- exact posteriors ------------------------------------------------------------------
+Y = torch.tensor([2.1, 3.4, 2.7, 3.9, 2.2, 3.0, 2.5, 3.6])
+COUNTS = torch.tensor([3.0, 5.0, 4.0, 2.0, 6.0])
+
+
+def conjugate(y, counts):
+    """mu ~ N(0, 10²), y ~ N(mu, 1); rate ~ Gamma(2, 1), counts ~ Poisson(rate): independent
+    conjugate posteriors, one of them on a constrained latent (transform and Jacobian)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+    with pyro.plate("counts", len(counts)):
+        pyro.sample("c", dist.Poisson(rate), obs=counts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precondition", ["variance", "dense", "diagonal", None])
+def test_conjugate_posteriors_with_vectorized_chains(precondition):
+    mcmc = run(PCLangevin(conjugate, precondition=precondition), Y, COUNTS, num_chains=4)
+    samples = mcmc.get_samples(group_by_chain=True)
+    precision = 1 / 100 + len(Y)
+    assert_moments(samples["mu"], Y.sum() / precision, 1 / precision)
+    shape, rate = 2.0 + COUNTS.sum(), 1.0 + len(COUNTS)  # Gamma posterior
+    assert_moments(samples["rate"], shape / rate, shape / rate**2)
+
+
+ILL_SIGMA = torch.logspace(-2, 2, 8)
+
+
+def ill_conditioned():
+    pyro.sample("z", dist.Normal(0.0, ILL_SIGMA).to_event(1))
+
+
+@pytest.mark.slow
+def test_ill_conditioned_gaussian_with_eight_chains():
+    mcmc = run(PCLangevin(ill_conditioned), num_chains=8, num_samples=1000, warmup_steps=1000)
+    assert_moments(mcmc.get_samples(group_by_chain=True)["z"], torch.zeros(8), ILL_SIGMA.square())
+
+
+# -- Pyro's tooling -------------------------------------------------------------------------
+def test_chains_are_grouped_and_seen_by_arviz_and_diagnostics(capsys):
+    mcmc = run(PCLangevin(conjugate), Y, COUNTS, num_chains=3, num_samples=50, warmup_steps=50)
+    grouped = mcmc.get_samples(group_by_chain=True)
+    assert grouped["mu"].shape == (3, 50) and grouped["rate"].shape == (3, 50)
+    assert (grouped["rate"] > 0).all()  # constrained space
+    assert mcmc.get_samples()["mu"].shape == (150,)
+    diag = mcmc.diagnostics()
+    assert set(diag["divergences"]) == {"chain 0", "chain 1", "chain 2"}
+    assert set(diag["acceptance rate"]) == {"chain 0", "chain 1", "chain 2"}
+    assert "r_hat" in diag["mu"] and "n_eff" in diag["mu"]
+    idata = arviz.from_pyro(mcmc)
+    assert idata.posterior.sizes["chain"] == 3 and idata.posterior.sizes["draw"] == 50
+    assert idata.sample_stats["diverging"].shape == (3, 50)
+    mcmc.summary()
+    assert "Number of divergences: 0" in capsys.readouterr().out
+
+
+def barrier_wells(params):
+    """Batched over chains: a Gaussian well at 0 (z < 10) and a log barrier on (19, 21); the
+    energy is NaN in between and beyond 21, so a chain never crosses and only the barrier
+    well's steps (noise sd 0.77 against a width of 2) land where it is NaN."""
+    z = params["z"].squeeze(-1)
+    return torch.where(z < 10, 0.5 * z.square(), -torch.log1p(-(z - 20).square()))
+
+
+def test_each_chain_counts_its_own_divergences():
+    kernel = PCLangevin(potential_fn=barrier_wells, step_size=0.3, precondition=None, adapt_step_size=False)
+    start = {"z": torch.tensor([[0.0], [20.0], [0.5]])}
+    mcmc = run(kernel, initial_params=start, num_chains=3, num_samples=300, warmup_steps=0)
+    divergences = mcmc.diagnostics()["divergences"]
+    assert divergences["chain 0"] == [] and divergences["chain 2"] == []
+    assert len(divergences["chain 1"]) > 10
+    z = mcmc.get_samples(group_by_chain=True)["z"]
+    assert (z[1] > 19).all() and (z[[0, 2]] < 10).all()
+    diverging = arviz.from_pyro(mcmc).sample_stats["diverging"].values
+    assert diverging.sum(1).tolist() == [0, len(divergences["chain 1"]), 0]
+
+
+def test_chains_start_spread_out_from_the_init_strategy_or_guide():
+    starts = []
+    hook = lambda kernel, params, stage, i: starts.append(params["mu"].clone()) if i == 0 else None  # noqa: E731
+    run(PCLangevin(conjugate), Y, COUNTS, num_chains=4, num_samples=1, warmup_steps=1, hook_fn=hook)
+    assert starts[0].unique().numel() == 4  # four distinct init_to_uniform draws
+
+    def guide(y, counts):
+        pyro.sample("mu", dist.Normal(100.0, 0.01))
+
+    starts.clear()
+    kernel = PCLangevin(conjugate, init=guide, step_size=1e-6, adapt_step_size=False)
+    run(kernel, Y, COUNTS, num_chains=4, num_samples=1, warmup_steps=1, hook_fn=hook)
+    assert starts[0].unique().numel() == 4 and ((starts[0] - 100).abs() < 0.1).all()
+
+
+# -- what cannot be vectorised, and wrong inputs ---------------------------------------------------
+def reshapes_a_latent(y):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(z.view(2)[0], 1.0), obs=y)  # breaks under a leading chain dim
+
+
+def reduces_a_latent(y):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(z.sum(), 1.0), obs=y)  # sums over the chains too: wrong, not an error
+
+
+@pytest.mark.parametrize("model", [reshapes_a_latent, reduces_a_latent])
+def test_a_model_that_cannot_be_vectorised_gets_the_documented_error(model):
+    with pytest.raises(ValueError, match=r"cannot be vectorised over 3 chains.*pyro.infer.MCMC\(PCLangevin"):
+        run(PCLangevin(model), torch.tensor(0.5), num_chains=3, num_samples=5, warmup_steps=5)
+
+
+def test_wrong_inputs_are_named():
+    with pytest.raises(TypeError, match="PCLangevin kernel"):
+        VectorizedMCMC(pyro.infer.NUTS(conjugate), num_samples=10)
+    with pytest.raises(ValueError, match="precondition must be one of"):
+        VectorizedMCMC(PCLangevin(conjugate, precondition="rmsprop", adjust=False), num_samples=10)
+    with pytest.raises(ValueError, match="adjust=True"):
+        VectorizedMCMC(PCLangevin(conjugate, adjust=False), num_samples=10)
+    with pytest.raises(ValueError, match=r"initial_params\['z'\] has shape \(2, 1\).*num_chains=3"):
+        VectorizedMCMC(PCLangevin(conjugate), num_samples=10, num_chains=3, initial_params={"z": torch.zeros(2, 1)})
+    kernel = PCLangevin(potential_fn=lambda p: p["z"].square().sum())  # not batched over chains
+    with pytest.raises(ValueError, match=r"one energy per chain, shape \(2,\).*got shape \(\)"):
+        run(kernel, initial_params={"z": torch.zeros(2, 1)}, num_chains=2, num_samples=5, warmup_steps=5)
