@@ -16,6 +16,8 @@ step whitens the posterior.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from pyro.ops.welford import WelfordCovariance
 
@@ -128,3 +130,20 @@ class WindowCovariance:
         if cov is None:
             return precond._replace(scale=unflatten(var, precond.scale), cholesky=torch.diag(var.sqrt()))
         return precond._replace(scale=unflatten(cov.diagonal(), precond.scale), cholesky=torch.linalg.cholesky(cov))
+
+
+#: At most this many doublings or halvings when searching for a reasonable step size.
+MAX_STEP_SIZE_SEARCH = 100
+
+
+def search_step_size(above: Callable[[float], bool], step_size: float) -> float:
+    """A reasonable step size for the current preconditioner, as Pyro's HMC finds one: double
+    (or halve) η while `above(η)` — one proposal's MALA acceptance probability exceeds the
+    target — keeps its first answer, and return the η on the accepting side of the crossing."""
+    direction = above(step_size)
+    for _ in range(MAX_STEP_SIZE_SEARCH):
+        trial = step_size * 2.0 if direction else step_size / 2.0
+        if above(trial) != direction:
+            return step_size if direction else trial
+        step_size = trial
+    return step_size

@@ -14,12 +14,9 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.ops.dual_averaging import DualAveraging
 
 from . import langevin
-from .adaptation import WindowCovariance, adaptation_windows
+from .adaptation import WindowCovariance, adaptation_windows, search_step_size
 from .potential import joint_potential, nonfinite_sites, unconstrain
 from .warm_start import check_guide_sites, guide_values
-
-#: At most this many doublings or halvings when searching for a reasonable step size.
-MAX_STEP_SIZE_SEARCH = 100
 
 
 class PCLangevin(MCMCKernel):
@@ -374,15 +371,7 @@ class PCLangevin(MCMCKernel):
             _, info = langevin.step(self._state, self._value_and_grad, step_size)
             return bool(info.accept_prob > self.target_accept_prob)
 
-        step_size = self.step_size
-        direction = above(step_size)
-        for _ in range(MAX_STEP_SIZE_SEARCH):
-            trial = step_size * 2.0 if direction else step_size / 2.0
-            if above(trial) != direction:
-                step_size = step_size if direction else trial  # the side above the target
-                break
-            step_size = trial
-        self.step_size = step_size
+        step_size = self.step_size = search_step_size(above, self.step_size)
         self._dual_averaging.prox_center = math.log(step_size)
         self._dual_averaging.reset()
 

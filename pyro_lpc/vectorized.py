@@ -67,8 +67,8 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import optional
 
 from . import langevin
-from .adaptation import WindowCovariance, adaptation_windows
-from .kernel import MAX_STEP_SIZE_SEARCH, PCLangevin
+from .adaptation import WindowCovariance, adaptation_windows, search_step_size
+from .kernel import PCLangevin
 from .potential import joint_potential, latent_sites, sum_except
 
 #: Preconditioners whose `P` is constant within a chain, so MALA is exact and `P` can be shared.
@@ -272,13 +272,7 @@ class VectorizedMCMC(MCMC):
             _, info = langevin.step(state, value_and_grad, trial, adjust=True, batch_ndim=1)
             return bool(info.accept_prob.mean() > target)
 
-        direction = above(step_size)
-        for _ in range(MAX_STEP_SIZE_SEARCH):
-            trial = step_size * 2.0 if direction else step_size / 2.0
-            if above(trial) != direction:
-                step_size = step_size if direction else trial
-                break
-            step_size = trial
+        step_size = search_step_size(above, step_size)
         dual_averaging.prox_center = math.log(step_size)
         dual_averaging.reset()
         return step_size
