@@ -635,6 +635,32 @@ coverage {rec['coverage']:.2f} in the LeNet feature space.
 """
 
 
+def cli_threads(records: Records) -> str:
+    rec = records.take("cli_threads")
+    rows = []
+    for busy in (False, True):
+        times = {t: [r["train_seconds"] for r in rec["rows"] if r["threads"] == t and r["busy_neighbour"] == busy]
+                 for t in (1, 2)}
+        for t in (1, 2):
+            rows.append(["+ a busy process" if busy else "no added process", t, ", ".join(f"{x:.1f}" for x in times[t]),
+                         ratio(sum(times[t]), sum(times[1]))])
+    full = rec["full_run"]
+    full_text = "" if full is None else (
+        f"The full default run (`pyro-lpc train`, {full['iterations']:,} iterations) with {full['threads']} "
+        f"thread(s), no process added (load average {full['loadavg'].split()[-3]}): {full['train_seconds']:.0f} s of training, {full['total_seconds']:.0f} s in all "
+        f"(with start-up and evaluation); test log-likelihood {full['test_log_likelihood']:.2f} nats.")
+    return f"""### Torch threads for `pyro-lpc train` (`benchmarks/cli_threads.py`)
+
+{source(rec)}. The default run shortened to {rec['epochs']} epochs, each in a fresh process with `--threads` 1
+or 2, with no process added and beside an added busy one (a Python loop holding one core); seconds of training
+per repeat, and the total time over 1 thread's:
+
+{table(["load", "threads", "training seconds", "time vs 1 thread"], rows)}
+
+Fastest over both conditions: {rec['best_threads']} thread(s), the `--threads` default. {full_text}{notes(rec)}
+"""
+
+
 # -- the changelog ---------------------------------------------------------------------------------
 def superseded(records: Records) -> str:
     """Every superseded record, by date (newest first), with what superseded it."""
@@ -688,7 +714,7 @@ Superseded {first['superseded']}. Commands: {'; '.join(f"`{records.records[n]['c
 
 # -- the page --------------------------------------------------------------------------------------
 STUDIES = [per_second, step_cost, fit_overhead, mnist, cifar10, step_size, kernel, kernel_defaults,
-           kernel_preconditioners, kernel_vectorized, forward_kl_samples, distributed, cli_train]
+           kernel_preconditioners, kernel_vectorized, forward_kl_samples, distributed, cli_train, cli_threads]
 
 
 def render(folder: Path = RESULTS) -> str:

@@ -1,12 +1,16 @@
 """The ``pyro-lpc`` command end to end on the embedded digits, with tiny budgets."""
+import argparse
 import json
 import os
 import subprocess
 import sys
 
+import pyro
 import pytest
+import torch
 
-from pyro_lpc.images.cli import main
+from pyro_lpc.images.cli import build_parser, main
+from pyro_lpc.images.runs import eval_images, eval_log_likelihood, load_run
 
 TINY = ["--epochs", "1", "--num-steps", "3", "--eval-samples", "10", "--quiet"]
 RUN_FILES = {"config.json", "checkpoint.pt", "history.jsonl", "metrics.json", "samples.png",
@@ -33,6 +37,23 @@ def test_train_writes_every_file(lpc_run, capsys):
     assert {"frechet_distance", "density", "coverage"} <= set(metrics)
     rows = history(lpc_run)
     assert len(rows) == 15 and {"log_joint", "guide_loss", "time"} <= set(rows[0])
+
+
+def test_load_run_gives_the_trained_model(lpc_run):
+    with open(os.path.join(lpc_run, "metrics.json")) as f:
+        metrics = json.load(f)
+    pyro.clear_param_store()
+    run = load_run(lpc_run, device="cpu")
+    assert run.params is pyro.get_param_store() and len(run.params.keys()) > 0
+    assert (run.model, run.guide) == (run.dlgm.model, run.dlgm.guide)
+    # the figure metrics.json holds, recomputed with the CLI's own evaluation (same images, seed and k:
+    # k as the last evaluation of this run wrote it): equal only if the loaded weights are the trained ones
+    k = int(metrics["test_log_likelihood_bound"].split("k=")[1])
+    config = dict(run.config, eval_samples=k)
+    lml = eval_log_likelihood(config, run.dlgm, eval_images(config, "cpu"))
+    assert lml.mean().item() == metrics["test_log_likelihood"]
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        load_run(os.path.dirname(lpc_run))
 
 
 def test_evaluate_and_sample_work_on_a_run(lpc_run, capsys):
@@ -66,10 +87,66 @@ def test_unknown_names_list_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "imagenet"])
     err = capsys.readouterr().err
-    assert "invalid choice 'imagenet'" in err and "digits" in err and "cifar10" in err
+    assert "invalid choice: 'imagenet'" in err and "'digits'" in err and "'cifar10'" in err
     with pytest.raises(SystemExit):
         main(["train", "--method", "gan"])
-    assert "lpc, vae, iwae" in capsys.readouterr().err
+    assert "'lpc', 'vae', 'iwae'" in capsys.readouterr().err
+
+
+def test_help_lists_choices_and_defaults(capsys):
+    main(["train", "--help"])  # argparse's SystemExit(0), which torch's @record turns into a return
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for choices in ("{digits,mnist,fashion-mnist,cifar10,svhn,celeba}", "{lpc,vae,iwae}", "{mlp,conv}",
+                    "{None,diagonal,rmsprop,adam}", "{forward,reverse,jeffreys,none}",
+                    "{off,record,inductor,cuda-graphs}", "{cpu,cuda,cuda:N}"):
+        assert choices in out
+    for default in ("(default: digits)", "(default: lpc)", "(default: 20)", "(default: 0.01)", "(default: diagonal)",
+                    "(default: jeffreys)", "(default: last)", "(default: cpu)", "(default: 1)"):
+        assert default in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    main(["--help"])
+    assert "`" not in capsys.readouterr().out  # the description is plain text, not Markdown
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in subcommands.choices.items():
+        for action in command._actions:
+            assert action.help, f"pyro-lpc {name} {action.option_strings or action.dest} has no help"
+
+
+def test_device_that_is_not_there_is_refused_before_any_data(tmp_path, monkeypatch, capsys, lpc_run):
+    from pyro_lpc.images import cli
+
+    monkeypatch.setattr(cli, "run_data", lambda *args, **kwargs: pytest.fail("data were loaded"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(SystemExit):
+            main(["train", "--device", device, "--out", str(tmp_path / "run")])
+        assert f"argument --device: device '{device}': CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        main(["train", "--device", "cuda:1"])
+    assert "has 1 CUDA device(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--device", "tpu"])
+    assert "expected cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
+    with pytest.raises(ValueError, match="has 1 CUDA device"):
+        load_run(lpc_run, device="cuda:3")
+
+
+def test_device_and_threads_reach_torch(lpc_run, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out = str(tmp_path / "cpu.png")
+        assert main(["sample", lpc_run, "-n", "4", "--output", out, "--device", "cpu", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2 and os.path.getsize(out) > 0
+        assert all(p.device.type == "cpu" for p in pyro.get_param_store().values())
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit):
+        main(["sample", lpc_run, "--threads", "0"])
+    assert "argument --threads: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_missing_data_root_says_where_files_go(tmp_path, capsys):

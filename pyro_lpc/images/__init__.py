@@ -5,7 +5,14 @@
 their likelihoods), [`sample_quality`][pyro_lpc.images.sample_quality] (Fréchet distance,
 density/coverage, feature extractors), and the `pyro-lpc` command
 (`cli`, writing run directories through
-`runs` and pictures through `plots`).
+`runs` and pictures through `plots`). `load_run(run_dir)` returns a trained run's model, guide
+and learned parameters:
+
+```python
+from pyro_lpc.images import load_run
+run = load_run("runs/digits-lpc")  # after `pyro-lpc train`; Pyro's param store now holds the run's parameters
+images = run.dlgm.sample(16)       # or run.model / run.guide with any Pyro inference
+```
 
 It needs the `images` extra (matplotlib, scikit-learn, torchmetrics, prdc) on top of the
 core's dependencies: `pip install "pyro-lpc[images]"`. The core (`PCLangevin`, `fit`,
@@ -20,3 +27,12 @@ _missing = [package for name, package in EXTRA.items() if importlib.util.find_sp
 if _missing:
     raise ImportError(f"pyro_lpc.images needs the 'images' extra, which is not installed (missing: "
                       f"{', '.join(_missing)}): pip install \"pyro-lpc[images]\"")
+
+
+def __getattr__(name):
+    """`load_run` and `Run` from `runs`, imported on first use (`runs` imports the whole application)."""
+    if name in ("load_run", "Run"):
+        from . import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,10 +4,11 @@
 pyro-lpc train [--dataset digits] [--method lpc|vae|iwae] [--model mlp|conv] ... [--out RUN_DIR]
 pyro-lpc evaluate RUN_DIR
 pyro-lpc sample RUN_DIR -n 64
+pyro-lpc train --help
 ```
 
 `pyro-lpc train` with no arguments trains on scikit-learn's embedded 8×8
-digits (offline, a few minutes on 2 CPU cores). `vae` and `iwae` train the
+digits (offline, 2-3 minutes on 2 CPU cores with the default 1 thread). `vae` and `iwae` train the
 very same model and guide with Pyro's `SVI` (`Trace_ELBO`;
 `RenyiELBO(alpha=0)` with k particles). A run directory holds
 `config.json`, `checkpoint.pt`, `history.jsonl`, `metrics.json`,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import List, Optional
@@ -41,15 +43,18 @@ from ..langevin import PRECONDITIONERS
 from ..warm_start import OBJECTIVES
 from . import plots
 from .data import DATASETS
-from .runs import (data_loader, default_run_dir, evaluate_run, restore_run, run_config, run_data, run_model,
-                   write_config, write_history)
+from .runs import (data_loader, default_run_dir, evaluate_run, load_run, resolve_device, run_config, run_data,
+                   run_model, write_config, write_history)
 
 METHODS = ("lpc", "vae", "iwae")
 MODELS = ("mlp", "conv")
 DATASET_NAMES = [d for d in DATASETS if ":" not in d]
 
 
-#: ``--compile`` choices and the ``fit(jit_compile=..., jit_options=...)`` each stands for
+#: `--threads` default: torch threads per process (benchmarks/cli_threads.py)
+THREADS = 1
+
+#: `--compile` choices and the `fit(jit_compile=..., jit_options=...)` each stands for
 COMPILE = {"off": (False, None), "record": (True, None), "inductor": (True, {}),
            "cuda-graphs": (True, {"mode": "reduce-overhead"})}
 
@@ -78,68 +83,103 @@ def _keep_for_fit(keep):
     return keep
 
 
-def _choice(valid):
-    """An argparse type that names the valid values when given another."""
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
 
-    def parse(value):
-        if value not in valid:
-            raise argparse.ArgumentTypeError(f"invalid choice {value!r}; valid: {', '.join(map(str, valid))}")
-        return value
 
-    return parse
+def _device(value: str) -> torch.device:
+    """`--device`, refused here (before any data are read) when this machine lacks it."""
+    try:
+        return resolve_device(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description's lines as written; each option's default, unless it is `None` or a flag's `False`."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _plain(markdown: str) -> str:
+    """The module docstring for a terminal: no code fences, no backticks."""
+    return re.sub(r"^```\w*\n", "", markdown, flags=re.MULTILINE).replace("`", "")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyro-lpc", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="pyro-lpc", description=_plain(__doc__), formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"pyro-lpc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    machine = argparse.ArgumentParser(add_help=False)
+    machine.add_argument("--device", default="cpu", type=_device, metavar="{cpu,cuda,cuda:N}",
+                         help="cpu, cuda or cuda:N: where the model, its parameters and the data live (under "
+                              "torchrun, cuda is each process's LOCAL_RANK GPU)")
+    machine.add_argument("--threads", type=_positive_int, default=THREADS, metavar="N",
+                         help="torch CPU threads (torch.set_num_threads); more than 1 rarely pays for these "
+                              "small models and loses badly beside other busy processes (docs/benchmarks.md)")
+    command = dict(parents=[machine], formatter_class=_HelpFormatter)
 
-    train = commands.add_parser("train", help="train a model (default: LPC on the embedded digits)")
-    train.add_argument("--dataset", default="digits", type=_choice(DATASET_NAMES),
-                       help=f"one of {', '.join(DATASET_NAMES)} (default digits, embedded)")
+    train = commands.add_parser("train", help="train a model (default: LPC on the embedded digits)",
+                                description="Train a model and write a run directory: LPC on scikit-learn's "
+                                            "embedded 8x8 digits unless told otherwise.", **command)
+    train.add_argument("--dataset", default="digits", choices=DATASET_NAMES,
+                       help="digits is embedded (offline); the others are read from --data-root")
     train.add_argument("--data-root", default=None, help="folder with the dataset files")
-    train.add_argument("--method", default="lpc", type=_choice(METHODS), help="lpc, vae or iwae")
-    train.add_argument("--model", default=None, type=_choice(MODELS),
-                       help="mlp or conv (default: mlp for grey-scale, conv for colour data)")
-    train.add_argument("--latent-dim", type=int, default=None, help="default 16 (digits), 50 (mlp), 64 (conv)")
-    train.add_argument("--epochs", type=int, default=None, help="default 150 for digits, 10 otherwise")
+    train.add_argument("--method", default="lpc", choices=METHODS,
+                       help="lpc, or Pyro's SVI on the same model and guide: vae (Trace_ELBO), iwae (RenyiELBO, "
+                            "alpha=0)")
+    train.add_argument("--model", default=None, choices=MODELS,
+                       help="decoder and encoder (default: mlp for grey-scale, conv for colour data)")
+    train.add_argument("--latent-dim", type=int, default=None,
+                       help="size of z (default: 16 for digits, 50 for mlp, 64 for conv)")
+    train.add_argument("--epochs", type=int, default=None, help="passes over the data (default: 150 for digits, "
+                                                                 "10 otherwise)")
     train.add_argument("--batch-size", type=int, default=100,
                        help="per process: under torchrun the global batch is nproc × this")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of model and guide")
-    train.add_argument("--num-steps", type=_num_steps, default=20,
+    train.add_argument("--num-steps", type=_num_steps, default=20, metavar="{K,auto}",
                        help="Langevin steps K per mini-batch, or 'auto' (adapted to the chains' energy drop)")
     train.add_argument("--step-size", type=float, default=1e-2, help="Langevin step size η")
     train.add_argument("--target-accept", type=float, default=None,
                        help="adapt η so the chains' mean MALA acceptance probability tracks this value")
-    train.add_argument("--precondition", default="diagonal", type=_choice([str(p) for p in PRECONDITIONERS]))
-    train.add_argument("--warm-start", default="jeffreys", type=_choice(list(OBJECTIVES) + ["none"]),
+    train.add_argument("--precondition", default="diagonal", choices=[str(p) for p in PRECONDITIONERS],
+                       help="the chains' diagonal preconditioner (None: plain Langevin)")
+    train.add_argument("--warm-start", default="jeffreys", choices=list(OBJECTIVES) + ["none"],
                        help="guide objective, or 'none' for encoder-free chains")
     train.add_argument("--adjust", action="store_true", help="Metropolis-adjust the chains (MALA)")
-    train.add_argument("--compile", default="off", type=_choice(list(COMPILE)),
+    train.add_argument("--compile", default="off", choices=list(COMPILE),
                        help="the chains' energy and gradient: off (Pyro at every step), record (one recorded "
                             "graph per batch shape), inductor (that graph compiled by torch.compile; needs a "
                             "C++ compiler on CPU) or cuda-graphs (compiled and replayed as a CUDA graph)")
-    train.add_argument("--keep", default="last", type=_keep,
+    train.add_argument("--keep", default="last", type=_keep, metavar="{last,all,INT,every:N}",
                        help="samples feeding θ: last, all, an int burn-in or every:N (every N-th)")
     train.add_argument("--particles", type=int, default=5, help="k for --method iwae")
     train.add_argument("--eval-samples", type=int, default=1000, help="k of the test IWAE bound")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and chains")
     train.add_argument("--out", default=None,
                        help="run directory (default: the first free runs/<dataset>-<method>[-N])")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    evaluate = commands.add_parser("evaluate", help="write metrics.json of a run")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--eval-samples", type=int, default=None, help="k of the test IWAE bound")
-    evaluate.add_argument("--quiet", action="store_true")
+    evaluate = commands.add_parser("evaluate", help="write metrics.json of a run",
+                                   description="Rewrite a run's metrics.json, samples.png and reconstructions.png.",
+                                   **command)
+    evaluate.add_argument("run_dir", help="the run directory")
+    evaluate.add_argument("--eval-samples", type=int, default=None,
+                          help="k of the test IWAE bound (default: the run's)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    sample = commands.add_parser("sample", help="draw images from a trained run")
-    sample.add_argument("run_dir")
-    sample.add_argument("-n", "--num", type=int, default=64)
-    sample.add_argument("--output", default=None, help="image file (default RUN_DIR/samples.png)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample = commands.add_parser("sample", help="draw images from a trained run",
+                                 description="Draw images from a trained run's model into one picture.", **command)
+    sample.add_argument("run_dir", help="the run directory")
+    sample.add_argument("-n", "--num", type=int, default=64, help="number of images")
+    sample.add_argument("--output", default=None, help="image file (default: RUN_DIR/samples.png)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the draws")
     return parser
 
 
@@ -190,10 +230,10 @@ def train(args) -> int:
     if group.is_main:
         write_config(out, config)
     pyro.clear_param_store()
-    dlgm = run_model(config, train_set.info.image_shape)
+    dlgm = run_model(config, train_set.info.image_shape).to(args.device)
     loader = data_loader(train_set, config["batch_size"], group=group, seed=config["seed"])
     common = dict(num_epochs=config["epochs"], seed=config["seed"], progress=not args.quiet and group.is_main,
-                  checkpoint_dir=out, resume=args.resume)
+                  checkpoint_dir=out, resume=args.resume, batch_args=lambda x: x.to(args.device))
     optim = lambda: pyro.optim.Adam({"lr": config["lr"]})  # noqa: E731
     started = time.perf_counter()
     if config["method"] == "lpc":
@@ -212,7 +252,7 @@ def train(args) -> int:
         return 0
     write_history(out, result.history)
     plots.plot_curves(result.history, os.path.join(out, "curves.png"))
-    written = evaluate_run(out, config, dlgm, train_set, progress=not args.quiet)
+    written = evaluate_run(out, config, dlgm, progress=not args.quiet)
     print(f"pyro-lpc: trained {config['method']} on {config['dataset']} for {config['epochs']} epochs "
           f"in {time.perf_counter() - started:.0f} s on {group.world_size} process(es); "
           f"wrote {', '.join(written)} in {out}")
@@ -220,20 +260,19 @@ def train(args) -> int:
 
 
 def evaluate(args) -> int:
-    config, dlgm, train_set = restore_run(args.run_dir)
-    if args.eval_samples:
-        config["eval_samples"] = args.eval_samples
-    written = evaluate_run(args.run_dir, config, dlgm, train_set, progress=not args.quiet)
+    run = load_run(args.run_dir, args.device)
+    config = dict(run.config, eval_samples=args.eval_samples or run.config["eval_samples"])
+    written = evaluate_run(args.run_dir, config, run.dlgm, progress=not args.quiet)
     print(f"pyro-lpc: wrote {', '.join(written)} in {args.run_dir}")
     return 0
 
 
 def sample(args) -> int:
-    _, dlgm, _ = restore_run(args.run_dir)
+    run = load_run(args.run_dir, args.device)
     torch.manual_seed(args.seed)
     output = args.output or os.path.join(args.run_dir, "samples.png")
     with torch.no_grad():
-        plots.save_grid(dlgm.sample(args.num), output)
+        plots.save_grid(run.dlgm.sample(args.num), output)
     print(f"pyro-lpc: wrote {args.num} samples to {output}")
     return 0
 
@@ -241,6 +280,7 @@ def sample(args) -> int:
 @record
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         code = {"train": train, "evaluate": evaluate, "sample": sample}[args.command](args)
     except (FileNotFoundError, ValueError, NotImplementedError) as error:

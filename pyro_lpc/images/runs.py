@@ -1,5 +1,5 @@
 """Run directories of the `pyro-lpc` command: where a run goes, its configuration, the
-dataset and model it describes, restoring a trained run and writing its metrics.
+dataset and model it describes, loading a trained run (`load_run`) and writing its metrics.
 
 A run directory holds `config.json`, `checkpoint.pt`, `history.jsonl`,
 `metrics.json`, `samples.png`, `reconstructions.png` and `curves.png`.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import pyro
 import torch
@@ -102,36 +102,110 @@ def data_loader(dataset, batch_size: int, shuffle: bool = True, group=None, seed
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False)
 
 
-def restore_run(run_dir: str):
-    """Config, rebuilt model with its trained parameters, and the train set of a run."""
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """`device` as a `torch.device`: `"cpu"`, `"cuda"` or `"cuda:N"`, refused (`ValueError`)
+    when it names no device of this machine."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                             "torch.cuda.is_available() is False); use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    return resolved
+
+
+class Run(NamedTuple):
+    """A trained run, as `load_run` returns it.
+
+    Attributes:
+        config: the run's `config.json`.
+        dlgm: the `DeepLatentGaussian` with the learned weights (`dlgm.sample(n)`,
+            `dlgm.reconstruct(x)`).
+        model: `dlgm.model`, the Pyro model `model(x)`.
+        guide: `dlgm.guide`, the amortised guide `guide(x)`.
+        params: Pyro's global param store, holding the learned parameters.
+        train_set: the run's training images (dynamically binarised for Bernoulli models).
+    """
+
+    config: dict
+    dlgm: torch.nn.Module
+    model: Callable
+    guide: Callable
+    params: pyro.params.param_store.ParamStoreDict
+    train_set: torch.utils.data.Dataset
+
+
+def load_run(run_dir: str, device: Union[str, torch.device] = "cpu") -> Run:
+    """A run of `pyro-lpc train`: its model and guide with the learned parameters, on `device`.
+
+    Clears Pyro's param store and loads the run's parameters into it, as training left them
+    (the last epoch's checkpoint), so the model is ready for inference:
+
+    ```python
+    run = pyro_lpc.images.load_run("runs/digits-lpc")
+    x = torch.stack([run.train_set[i] for i in range(100)])
+    log_px = log_marginal_likelihood(run.model, run.guide, x, num_samples=100)  # pyro_lpc.marginal_likelihood
+    ```
+
+    Raises:
+        FileNotFoundError: `run_dir` holds no `config.json` or no checkpoint.
+        ValueError: the checkpoint is corrupted, or `device` is not a device of this machine.
+    """
+    device = resolve_device(device)
     config_path = os.path.join(run_dir, CONFIG)
     if not os.path.exists(config_path):
-        raise SystemExit(f"pyro-lpc: {run_dir} is not a run directory (missing {CONFIG}).")
+        raise FileNotFoundError(f"{run_dir} is not a run directory (missing {CONFIG}).")
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(checkpoint_path):
+        raise FileNotFoundError(f"{run_dir} holds no trained parameters (missing {CHECKPOINT}).")
     with open(config_path) as f:
         config = json.load(f)
     train_set = run_data(config, "train", binarize="dynamic")
     pyro.clear_param_store()
-    dlgm = run_model(config, train_set.info.image_shape)
-    batch = next(iter(data_loader(train_set, 2, shuffle=False)))
-    load_checkpoint(os.path.join(run_dir, CHECKPOINT), dlgm.model, dlgm.guide, (batch,), {}, {})
-    return config, dlgm, train_set
+    dlgm = run_model(config, train_set.info.image_shape).to(device)
+    batch = next(iter(data_loader(train_set, 2, shuffle=False))).to(device)
+    load_checkpoint(checkpoint_path, dlgm.model, dlgm.guide, (batch,), {}, {})
+    return Run(config, dlgm, dlgm.model, dlgm.guide, pyro.get_param_store(), train_set)
 
 
-def evaluate_run(run_dir: str, config: dict, dlgm, train_set, progress: bool = True) -> List[str]:
+def eval_images(config: dict, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """The run's test images as the evaluation sees them (statically binarised for Bernoulli
+    models: the same draw every time), stacked on `device`."""
+    test_set = run_data(config, "test", binarize="static")
+    return torch.stack([test_set[i] for i in range(len(test_set))]).to(device)
+
+
+def eval_log_likelihood(config: dict, dlgm, images: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    """Per-image log-likelihoods whose mean is `metrics.json`'s `test_log_likelihood`: the IWAE
+    bound with k = `config["eval_samples"]` and the run's guide as proposal, seeded with the
+    run's seed."""
+    torch.manual_seed(config["seed"])
+    with torch.no_grad():
+        return log_marginal_likelihood(dlgm.model, dlgm.guide, images, num_samples=config["eval_samples"],
+                                       method="iwae", batch_size=config["batch_size"], progress=progress)
+
+
+def evaluate_run(run_dir: str, config: dict, dlgm, progress: bool = True) -> List[str]:
     """Write the run's `metrics.json` (test IWAE log-likelihood; Fréchet distance and
     density/coverage in the features of a LeNet trained on the training images),
-    `samples.png` and `reconstructions.png`; returns the run's file names."""
-    torch.manual_seed(config["seed"])
-    test_set = run_data(config, "test", binarize="static")
-    test = torch.stack([test_set[i] for i in range(len(test_set))])
-    with torch.no_grad():
-        lml = log_marginal_likelihood(dlgm.model, dlgm.guide, test, num_samples=config["eval_samples"],
-                                      method="iwae", batch_size=config["batch_size"], progress=progress)
+    `samples.png` and `reconstructions.png`; returns the run's file names. Runs on the
+    device of `dlgm`'s parameters."""
+    device = next(dlgm.parameters()).device
+    test = eval_images(config, device)
+    lml = eval_log_likelihood(config, dlgm, test, progress)
     labelled = run_data(config, "train", labels=True)
-    images = torch.stack([labelled[i][0] for i in range(len(labelled))])
+    images = torch.stack([labelled[i][0] for i in range(len(labelled))]).to(device)
     labels = torch.tensor([int(labelled[i][1]) for i in range(len(labelled))])
     extractor = train_feature_extractor(images, labels, seed=config["seed"])
-    real = torch.stack([run_data(config, "test")[i] for i in range(len(test_set))])
+    real_set = run_data(config, "test")
+    real = torch.stack([real_set[i] for i in range(len(real_set))]).to(device)
     with torch.no_grad():
         fake = dlgm.sample(len(real))
         quality = sample_quality(real, fake, extractor)
