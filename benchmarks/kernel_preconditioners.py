@@ -37,6 +37,7 @@ from pyro.infer import MCMC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import results_path, write_results  # noqa: E402
+from kernel_defaults import normal_model  # noqa: E402  (the same model as the defaults study)
 from kernel import CountCalls, logistic_data, logistic_model  # noqa: E402
 
 from pyro_lpc import PCLangevin  # noqa: E402
@@ -66,13 +67,6 @@ def chain_exact():
     b[-1] = CHAIN_Y
     cov = torch.linalg.inv(precision.double())
     return (cov @ b.double()).float(), cov.diagonal().sqrt().float()
-
-
-def normal_model(y):
-    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-    sigma = pyro.sample("sigma", dist.HalfNormal(5.0))
-    with pyro.plate("data", len(y)):
-        pyro.sample("y", dist.Normal(mu, sigma), obs=y)
 
 
 def normal_exact():
