@@ -62,7 +62,9 @@ def infer_posterior(model, guide=None, *args, num_samples: int = 100, warmup_ste
             the paper's per-chain `"rmsprop"`/`"adam"` (ULA only).
         data_plate (str): the plate over data points (default: the outermost plate shared by the
             observed sites).
-        **kwargs: the model's keyword arguments.
+        **kwargs: the model's (and the guide's) keyword arguments. For partly observed data, a
+            model whose likelihood is masked (`.mask(mask)`, `poutine.mask`) gets chains on
+            $p(z_i \mid x_{i,\mathrm{obs}})$, e.g. `infer_posterior(vae.model, vae.guide, x, mask=mask)`.
 
     Returns:
         A [`PosteriorSamples`][pyro_lpc.posterior.PosteriorSamples] dict: every latent site's

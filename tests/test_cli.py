@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -224,3 +225,43 @@ def test_compile_option_reaches_fit_and_trains_alike(tmp_path, monkeypatch, lpc_
                                                                     rel=1e-4)
     with pytest.raises(SystemExit):
         main(["train", "--compile", "jit"])
+
+
+@pytest.mark.parametrize("pattern", ["bottom-half", "random"])
+def test_impute_fills_in_missing_pixels_of_test_images(lpc_run, tmp_path, capsys, pattern):
+    import numpy as np
+    from PIL import Image
+
+    from pyro_lpc.images.cli import missing_pixels
+
+    out = str(tmp_path / "imputed.png")
+    assert main(["impute", lpc_run, "--mask", pattern, "-n", "4", "--num-samples", "10", "--warmup-steps", "10",
+                 "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "32 of 64 pixels missing" in printed and f"wrote {out}" in printed
+    figures = [float(v) for v in re.findall(r"(-?\d+\.\d+) nats", printed)]   # chains, encoder alone
+    assert len(figures) == 2 and all(f < 0 for f in figures)                  # log-probabilities of 32 pixels
+    assert 0.0 < float(re.search(r"MALA acceptance (\d\.\d+)", printed).group(1)) <= 1.0
+    # three rows (observed / imputed / true) of 4 images, each 8x8 enlarged to 24x24, 2-pixel padding
+    picture = torch.from_numpy(np.asarray(Image.open(out))[..., 0].copy()).float() / 255
+    assert picture.shape == (3 * 26 + 2, 4 * 26 + 2)
+    rows = picture[2:, 2:].reshape(3, 26, 4, 26)[:, :24:3, :, :24:3].permute(0, 2, 1, 3)  # (row, image, 8, 8)
+    pyro.set_rng_seed(0)                                      # the command's default --seed, as it draws the mask
+    observed = missing_pixels((4, 1, 8, 8), pattern)[:, 0]
+    assert (~observed).sum().item() == 4 * 32
+    if pattern == "bottom-half":
+        assert observed[:, :4].all() and not observed[:, 4:].any()
+    true = rows[2]
+    assert set(true.unique().tolist()) <= {0.0, 1.0}          # statically binarised test digits
+    assert torch.equal(rows[0], torch.where(observed, true, torch.tensor(128 / 255)))  # missing pixels grey
+    assert torch.equal(rows[1][observed], true[observed])     # observed pixels kept
+    assert not torch.equal(rows[1], true)                     # missing ones filled in with predictive means
+
+
+def test_impute_refuses_bad_options(lpc_run, capsys):
+    for option, value in (("--mask", "left-half"), ("--fraction", "1.5"), ("-n", "0")):
+        with pytest.raises(SystemExit):
+            main(["impute", lpc_run, option, value])
+        assert f"argument {option}" in capsys.readouterr().err
+    assert main(["impute", lpc_run, "-n", "100000"]) == 2
+    assert "-n 100000: the test set holds only" in capsys.readouterr().err

@@ -300,3 +300,49 @@ def test_svi_steps_are_finite_and_learn(make, data):
     assert sum(losses[-3:]) < sum(losses[:3])
     if "dlgm.likelihood.log_scale" in pyro.get_param_store():
         assert not torch.allclose(pyro.param("dlgm.likelihood.log_scale"), torch.tensor(math.log(0.1)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: mlp_model(image_shape=(1, 8, 8), latent_dim=3, hidden=(16,)),
+    lambda: conv_model(image_size=32, channels=3, latent_dim=4, hidden_channels=(8, 8, 8)),
+])
+def test_mask_conditions_on_the_observed_pixels_only(make):
+    vae = make()
+    x = torch.rand(3, *vae.image_shape).round()
+    x = x if isinstance(vae.likelihood, Bernoulli) else x * 2 - 1
+    mask = torch.rand(x.shape) < 0.5
+    hidden = torch.where(mask, x, torch.tensor(float("nan")))   # the missing pixels are never read
+    guide_tr = poutine.trace(vae.guide).get_trace(hidden, mask=mask)
+    z = guide_tr.nodes["z"]["value"].detach().requires_grad_()
+    # the guide encodes x filled in with the middle of the data range
+    loc, scale = vae.encoder(torch.where(mask, x, torch.tensor(vae.fill)))
+    assert torch.equal(guide_tr.nodes["z"]["fn"].base_dist.loc, loc)
+    assert vae.fill == (0.5 if isinstance(vae.likelihood, Bernoulli) else 0.0)
+    model_tr = poutine.trace(poutine.condition(vae.model, {"z": z})).get_trace(hidden, mask=mask)
+    model_tr.compute_log_prob()
+    per_pixel = vae.likelihood.distribution(vae.decoder(z)).base_dist.log_prob(x)
+    expected = (per_pixel * mask).flatten(1).sum(1)           # log p(x_obs | z) per image
+    assert torch.allclose(model_tr.nodes["x"]["log_prob"], expected, atol=1e-4)
+    model_tr.nodes["x"]["log_prob"].sum().backward()
+    assert torch.isfinite(z.grad).all()
+    # impute: observed pixels kept, missing ones the predictive mean; log (1/S) Σ_s p(x_mis | z_s)
+    draws = torch.randn(5, 3, vae.latent_dim)
+    imputed, log_p = vae.impute(x, mask, draws)
+    mean = vae.likelihood.mean(vae.decoder(draws.reshape(15, -1))).reshape(5, *x.shape).mean(0)
+    assert torch.allclose(imputed, torch.where(mask, x, mean))
+    missing = torch.stack([(vae.likelihood.distribution(vae.decoder(d)).base_dist.log_prob(x) * ~mask).flatten(1)
+                           .sum(1) for d in draws])
+    assert torch.allclose(log_p, missing.logsumexp(0) - math.log(5), atol=1e-4)
+
+
+def test_bad_masks_are_named():
+    vae = mlp_model(image_shape=(1, 8, 8), latent_dim=3, hidden=(16,))
+    x = torch.rand(2, 1, 8, 8).round()
+    with pytest.raises(TypeError, match="mask must be a boolean tensor"):
+        vae.model(x, mask=torch.ones(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"mask must have the shape of x, \(2, 1, 8, 8\), got \(2, 8, 8\)"):
+        vae.guide(x, mask=torch.ones(2, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask needs the data x"):
+        vae.model(batch_size=2, mask=torch.ones(2, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"z must have shape \(S, 2, 3\)"):
+        vae.impute(x, x > 0, torch.zeros(4, 3))

@@ -4,6 +4,7 @@
 pyro-lpc train [--dataset digits] [--method lpc|vae|iwae] [--model mlp|conv] ... [--out RUN_DIR]
 pyro-lpc evaluate RUN_DIR
 pyro-lpc sample RUN_DIR -n 64
+pyro-lpc impute RUN_DIR --mask bottom-half
 pyro-lpc train --help
 ```
 
@@ -40,13 +41,15 @@ from .. import __version__, distributed
 from ..baselines import fit_svi
 from ..fit import fit
 from ..langevin import PRECONDITIONERS
+from ..posterior import infer_posterior
 from ..warm_start import OBJECTIVES
 from . import plots
 from .data import DATASETS
-from .runs import (data_loader, default_run_dir, evaluate_run, load_run, resolve_device, run_config, run_data,
-                   run_model, write_config, write_history)
+from .runs import (data_loader, default_run_dir, eval_images, evaluate_run, load_run, resolve_device, run_config,
+                   run_data, run_model, write_config, write_history)
 
 METHODS = ("lpc", "vae", "iwae")
+MASKS = ("bottom-half", "random")
 MODELS = ("mlp", "conv")
 DATASET_NAMES = [d for d in DATASETS if ":" not in d]
 
@@ -87,6 +90,16 @@ def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return int(value)
+
+
+def _fraction(value: str) -> float:
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if not 0.0 < fraction < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {value!r}")
+    return fraction
 
 
 def _device(value: str) -> torch.device:
@@ -180,7 +193,41 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num", type=int, default=64, help="number of images")
     sample.add_argument("--output", default=None, help="image file (default: RUN_DIR/samples.png)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the draws")
+
+    impute = commands.add_parser(
+        "impute", help="fill in missing pixels of test images with a trained run",
+        description="Hide pixels of the first N test images, draw z from p(z | observed pixels) with "
+                    "infer_posterior (MALA chains warm-started by the encoder on the image filled in), and "
+                    "write observed / imputed (posterior predictive mean) / true images in one picture. "
+                    "Prints the log predictive density of the true missing pixels, per image, for the chains "
+                    "and for the encoder alone.", **command)
+    impute.add_argument("run_dir", help="the run directory")
+    impute.add_argument("--mask", default="bottom-half", choices=MASKS,
+                        help="the missing pixels: the bottom half of each image, or random pixels")
+    impute.add_argument("--fraction", type=_fraction, default=0.5,
+                        help="the fraction of pixels missing under --mask random")
+    impute.add_argument("-n", "--num", type=_positive_int, default=16, help="number of test images")
+    impute.add_argument("--num-samples", type=_positive_int, default=100, help="posterior samples per image")
+    impute.add_argument("--warmup-steps", type=int, default=100, help="chain steps adapting η, discarded")
+    impute.add_argument("--seed", type=int, default=0, help="seed of the random mask and the chains")
+    impute.add_argument("--output", "--out", default=None,
+                        help="image file (default: RUN_DIR/imputations-MASK.png)")
     return parser
+
+
+def missing_pixels(shape, pattern: str, fraction: float = 0.5) -> torch.Tensor:
+    """A boolean mask of `shape` `(N, C, H, W)`, True = observed, the same for every channel:
+    `"bottom-half"` hides rows `H // 2` to `H - 1`; `"random"` hides `round(fraction · H · W)`
+    pixels of each image, chosen uniformly (torch's global generator)."""
+    n, channels, height, width = shape
+    if pattern == "bottom-half":
+        observed = (torch.arange(height) < height // 2)[:, None].expand(height, width).expand(n, height, width)
+    elif pattern == "random":
+        order = torch.rand(n, height * width).argsort(1)
+        observed = (order >= round(fraction * height * width)).reshape(n, height, width)
+    else:
+        raise ValueError(f"pattern must be one of {MASKS}, got {pattern!r}")
+    return observed[:, None].expand(n, channels, height, width).clone()
 
 
 # -- the configuration of a new run --------------------------------------------------------------
@@ -277,12 +324,36 @@ def sample(args) -> int:
     return 0
 
 
+def impute(args) -> int:
+    run = load_run(args.run_dir, args.device)
+    images = eval_images(run.config, args.device)
+    if args.num > len(images):
+        raise ValueError(f"-n {args.num}: the test set holds only {len(images)} images")
+    pyro.set_rng_seed(args.seed)
+    x = images[:args.num]
+    mask = missing_pixels(x.shape, args.mask, args.fraction).to(x.device)
+    hidden = torch.where(mask, x, torch.full_like(x, float("nan")))  # the missing pixels are never read
+    samples = infer_posterior(run.model, run.guide, hidden, mask=mask, num_samples=args.num_samples,
+                              warmup_steps=args.warmup_steps)
+    imputed, log_p = run.dlgm.impute(x, mask, samples["z"])
+    encoder = pyro.infer.Predictive(run.guide, num_samples=args.num_samples, return_sites=["z"])
+    _, log_p_encoder = run.dlgm.impute(x, mask, encoder(hidden, mask=mask)["z"])
+    output = args.output or os.path.join(args.run_dir, f"imputations-{args.mask}.png")
+    plots.save_imputations(x, mask, imputed, output)
+    missing = (~mask[:, 0]).sum().item() / args.num
+    print(f"pyro-lpc: {args.num} test images, {missing:.0f} of {mask[0, 0].numel()} pixels missing ({args.mask}); "
+          f"log-likelihood of the true missing pixels per image: chains {log_p.mean().item():.2f} nats, encoder "
+          f"alone {log_p_encoder.mean().item():.2f} nats; MALA acceptance {samples.accept_rate:.2f}, "
+          f"{samples.divergences} divergences, step size {samples.step_size:.3g}; wrote {output}")
+    return 0
+
+
 @record
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        code = {"train": train, "evaluate": evaluate, "sample": sample}[args.command](args)
+        code = {"train": train, "evaluate": evaluate, "sample": sample, "impute": impute}[args.command](args)
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         print(f"pyro-lpc: error: {error}", file=sys.stderr)
         code = 2

@@ -5,12 +5,16 @@ import torch
 import torchvision
 
 
+def _unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in `[0, 1]` (those with negative values are taken to be in `[-1, 1]`), on the CPU."""
+    images = images.detach().cpu().float()
+    return (images + 1) / 2 if images.min() < 0 else images
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
     """Save `(N, C, H, W)` images in `[0, 1]` or `[-1, 1]` as one grid picture; images
     smaller than 28 pixels a side are enlarged (nearest neighbour) to stay visible."""
-    images = images.detach().cpu().float()
-    if images.min() < 0:
-        images = (images + 1) / 2
+    images = _unit_range(images)
     if images.shape[-1] < 28:  # make 8x8 digits visible
         images = torch.nn.functional.interpolate(images, scale_factor=28 // images.shape[-1], mode="nearest")
     torchvision.utils.save_image(images.clamp(0, 1), path, nrow=nrow, padding=2, pad_value=0.5)
@@ -36,3 +40,11 @@ def plot_curves(history, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_imputations(true: torch.Tensor, mask: torch.Tensor, imputed: torch.Tensor, path: str) -> None:
+    """Save three rows of `N` images: observed (missing pixels, `mask` False, grey), imputed, true."""
+    n = true.shape[0]
+    images = _unit_range(torch.cat([true, imputed, true]))
+    images[:n] = torch.where(mask.cpu(), images[:n], torch.tensor(0.5))
+    save_grid(images, path, nrow=n)

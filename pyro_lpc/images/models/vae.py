@@ -11,7 +11,9 @@ parameter (created in `model` with `pyro.param`); φ = the encoder's weights.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Type, Union
+import math
+
+from typing import Optional, Sequence, Tuple, Type, Union
 
 import pyro
 import pyro.distributions as dist
@@ -31,6 +33,12 @@ class DeepLatentGaussian(nn.Module):
     site `"x"` ~ `likelihood.distribution(decoder(z))`.
     `guide(x)`: `pyro.module(f"{name}.encoder", encoder)`; `"z"` ~
     `Normal(loc, scale).to_event(1)` with `(loc, scale) = encoder(x)`.
+
+    Partly observed images: both take `mask`, a boolean tensor shaped like `x` (`True` =
+    observed). The model masks the likelihood per pixel (`.mask(mask)` on the pixels'
+    distribution), so its posterior is $p(z_i \mid x_{i,\mathrm{obs}})$; the guide encodes
+    `x` filled in with `fill` (0.5 for Bernoulli data in [0, 1], 0 for data in [-1, 1]: the
+    middle of the data range). Missing entries of `x` may hold anything, NaN included.
 
     Args:
         decoder: module `z (B, latent_dim) -> output (B, *image_shape)`.
@@ -70,13 +78,40 @@ class DeepLatentGaussian(nn.Module):
             raise ValueError(f"{self.name}: expected a batch of shape (B, {', '.join(map(str, self.image_shape))}), "
                              f"got {tuple(x.shape)}")
 
+    @property
+    def fill(self) -> float:
+        """The value given to missing pixels before encoding: the middle of the data range."""
+        return 0.5 if isinstance(self.likelihood, Bernoulli) else 0.0
+
+    def _observed(self, x: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """`x` with its missing entries (`mask` False) set to `fill`; `x` itself when `mask` is None."""
+        if mask is None:
+            return x
+        if x is None:
+            raise ValueError(f"{self.name}: mask needs the data x")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{self.name}: mask must be a boolean tensor (True = observed), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != x.shape:
+            raise ValueError(f"{self.name}: mask must have the shape of x, {tuple(x.shape)}, got {tuple(mask.shape)}")
+        return torch.where(mask, x, torch.full_like(x, self.fill))
+
+    def _distribution(self, output: torch.Tensor, mask: Optional[torch.Tensor]):
+        """The likelihood of the image given the decoder's `output`, over the pixels where `mask` is True."""
+        d = self.likelihood.distribution(output)
+        if mask is None:
+            return d
+        return d.base_dist.mask(mask).to_event(d.reinterpreted_batch_ndims)
+
     def _like(self) -> torch.Tensor:
         """A tensor with the decoder's dtype and device."""
         p = next(self.decoder.parameters(), None)
         return p if p is not None else torch.zeros(())
 
-    def model(self, x: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> torch.Tensor:
-        """The generative model; `x=None` (with `batch_size`) generates instead of conditioning."""
+    def model(self, x: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The generative model; `x=None` (with `batch_size`) generates instead of conditioning;
+        `mask` (shaped like `x`, True = observed) conditions on the observed pixels only."""
         pyro.module(f"{self.name}.decoder", self.decoder)
         if x is not None:
             self._check(x)
@@ -85,18 +120,20 @@ class DeepLatentGaussian(nn.Module):
             raise ValueError("model(x=None) needs batch_size")
         else:
             ref = self._like()
+        x = self._observed(x, mask)
         with pyro.plate("data", batch_size):
             prior = dist.Normal(ref.new_zeros(()), ref.new_ones(())).expand([self.latent_dim]).to_event(1)
             z = pyro.sample("z", prior)
             output = self.decoder(z)
-            return pyro.sample("x", self.likelihood.distribution(output), obs=x)
+            return pyro.sample("x", self._distribution(output, mask), obs=x)
 
-    def guide(self, x: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-        """The amortised posterior `q_φ(z | x)`."""
+    def guide(self, x: torch.Tensor, batch_size: Optional[int] = None,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The amortised posterior `q_φ(z | x)`; with `mask`, of `x` filled in with `fill`."""
         pyro.module(f"{self.name}.encoder", self.encoder)
         self._check(x)
         with pyro.plate("data", x.shape[0]):
-            loc, scale = self.encoder(x)
+            loc, scale = self.encoder(self._observed(x, mask))
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
@@ -105,6 +142,26 @@ class DeepLatentGaussian(nn.Module):
         ref = self._like()
         z = torch.randn(n, self.latent_dim, dtype=ref.dtype, device=ref.device)
         return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def impute(self, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""Fill in the missing pixels of `x` from draws `z` of $p(z_i \mid x_{i,\mathrm{obs}})$, shaped
+        `(S, B, latent_dim)` (e.g. `infer_posterior(vae.model, vae.guide, x, mask=mask)["z"]`).
+
+        Returns the images with the observed pixels kept and the missing ones set to the posterior
+        predictive mean $\frac1S\sum_s \mathbb E[x \mid z_s]$, and per image the log predictive
+        density of `x`'s missing pixels (the true ones, when `x` is complete),
+        $\log \frac1S \sum_s p(x_{i,\mathrm{mis}} \mid z_s)$ in nats.
+        """
+        self._check(x)
+        self._observed(x, mask)
+        if z.dim() != 3 or z.shape[1:] != (x.shape[0], self.latent_dim):
+            raise ValueError(f"{self.name}: z must have shape (S, {x.shape[0]}, {self.latent_dim}), "
+                             f"got {tuple(z.shape)}")
+        output = self.decoder(z.reshape(-1, self.latent_dim)).reshape(z.shape[:2] + x.shape[1:])
+        imputed = torch.where(mask, x, self.likelihood.mean(output).mean(0))
+        log_p = self._distribution(output, ~mask).log_prob(x)
+        return imputed, torch.logsumexp(log_p, 0) - math.log(z.shape[0])
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
