@@ -24,7 +24,6 @@ and per gradient (model evaluations), and the largest error of a posterior mean
 and of a standard deviation against the exact one, in units of the exact sd.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

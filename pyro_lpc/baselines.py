@@ -17,7 +17,7 @@ from . import distributed
 from .checkpoint import register_params
 from .lpc import NonFiniteError
 from .training import FitResult, run_epochs
-from .potential import batch_shapes, find_data_plate
+from .potential import batch_shapes, find_data_plate, num_data
 
 OBJECTIVES = ("elbo", "iwae")
 
@@ -81,7 +81,7 @@ def fit_svi(
         loss = Trace_ELBO()
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
     svi = SVI(model, guide, optim, loss)
-    num_data = {}  # N by batch shapes
+    sizes = {}  # N by batch shapes
 
     def step(args, kwargs, iteration, epoch, history):
         value = svi.step(*args, **kwargs)
@@ -92,10 +92,9 @@ def fit_svi(
                 FitResult(list(history), {}),
             )
         shapes = repr(batch_shapes(args, kwargs))
-        if shapes not in num_data:
-            plate = find_data_plate(register_params(model, guide, args, kwargs))
-            num_data[shapes] = 1 if plate is None else plate.full_size or plate.size
-        return {"epoch": epoch, "iteration": iteration, "elbo": -value / num_data[shapes]}
+        if shapes not in sizes:
+            sizes[shapes] = num_data(find_data_plate(register_params(model, guide, args, kwargs)))
+        return {"epoch": epoch, "iteration": iteration, "elbo": -value / sizes[shapes]}
 
     group = distributed.replicas()
     if group.world_size > 1:

@@ -197,6 +197,11 @@ def subsample_trace(trace: poutine.Trace) -> poutine.Trace:
     return replay
 
 
+def num_data(plate) -> int:
+    """N: a data plate's full size (before subsampling); 1 for `None` (no data plate)."""
+    return 1 if plate is None else plate.full_size or plate.size
+
+
 def find_data_plate(trace: poutine.Trace, name: Optional[str] = None):
     """The plate that indexes data points: the one named `name`, or else the outermost
     plate shared by every observed site inside a plate (an inner plate, subsampled or
@@ -463,9 +468,7 @@ class SplitEnergy:
 
     def num_data(self) -> int:
         """N: the data plate's full size (before subsampling); 1 without a data plate."""
-        if self.plate is None:
-            return 1
-        return self.plate.full_size or self.plate.size
+        return num_data(self.plate)
 
 
 def param_tensors(trace: poutine.Trace) -> Dict[str, torch.Tensor]:

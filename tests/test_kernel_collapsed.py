@@ -17,7 +17,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.contrib.conjugate.infer import BetaBinomialPair, collapse_conjugate, posterior_replay
-from pyro.infer import MCMC, NUTS
+from pyro.infer import NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 from pyro.ops.stats import effective_sample_size
 from test_kernel import assert_moments, run

@@ -12,7 +12,6 @@ from pyro_lpc.images.models import (
     Bernoulli,
     ConvDecoder,
     ConvEncoder,
-    DeepLatentGaussian,
     DiscretizedGaussian,
     DiscretizedNormal,
     Gaussian,
