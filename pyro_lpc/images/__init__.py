@@ -5,7 +5,9 @@
 their likelihoods), [`sample_quality`][pyro_lpc.images.sample_quality] (Fréchet distance,
 density/coverage, feature extractors), and the `pyro-lpc` command
 (`cli`, writing run directories through
-`runs` and pictures through `plots`). `load_run(run_dir)` returns a trained run's model, guide
+`runs` and pictures through `plots`), and the baselines for filling in missing pixels
+([`imputation`][pyro_lpc.images.imputation]: `encoder_draws`, `pseudo_gibbs`,
+`metropolis_within_gibbs`). `load_run(run_dir)` returns a trained run's model, guide
 and learned parameters:
 
 ```python
@@ -30,9 +32,14 @@ if _missing:
 
 
 def __getattr__(name):
-    """`load_run` and `Run` from `runs`, imported on first use (`runs` imports the whole application)."""
+    """`load_run` and `Run` from `runs`, and the imputation baselines, imported on first use (`runs`
+    imports the whole application)."""
     if name in ("load_run", "Run"):
         from . import runs
 
         return getattr(runs, name)
+    if name in ("encoder_draws", "pseudo_gibbs", "metropolis_within_gibbs", "ImputationDraws"):
+        from . import imputation
+
+        return getattr(imputation, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
