@@ -9,20 +9,24 @@ kernel together with the functional core (`batch_ndim=1`): each chain keeps its
 own position, Metropolis test and divergence count. It is a driver of its own,
 not a kernel, because `MCMCKernel.sample` moves one chain.
 
-The model is evaluated **once per step for all chains**, under an outer
-`pyro.plate("_chains", C)` left of its own plates (as Pyro's vectorised
-importance weights do), the per-chain energy being
+The model is evaluated **once per step for all chains**: its one-chain energy
 
 $$
-U_c(u) = -\sum_s \log p(s \mid \dots)\big|_{c} - \log\left|\det \partial T^{-1}(u_c)/\partial u_c\right|,
+U(u) = -\sum_s \log p(s \mid \dots) - \log\left|\det \partial T^{-1}(u)/\partial u\right|
 $$
 
-summed over each site's dims except the chain dim. At the start this is checked
-against Pyro's one-chain energy and gradient at every chain's position; a model
-that cannot be vectorised (a fixed-shape operation on a latent, a reduction over
-all dims) gets a `ValueError` that says to use `pyro.infer.MCMC(PCLangevin(...))`.
-With `potential_fn=` the function must take positions with a leading chain dim
-`[C, ...]` and return `C` energies.
+is mapped over a leading chain dim by `torch.func.vmap`, so a model written for
+one chain runs unchanged (`X @ beta` included). Where `vmap` cannot trace it
+(data-dependent Python control flow, `.item()`, random operations), the model
+runs once under an outer `pyro.plate("_chains", C)` left of its own plates (as
+Pyro's vectorised importance weights do), each site's log-density summed over
+its dims except the chain dim; that needs a model that broadcasts over a leading
+dim. At the start the vectorised energy and gradient are checked against Pyro's
+one-chain ones at every chain's position; a model neither way vectorises gets a
+`ValueError` giving both reasons and saying to use
+`pyro.infer.MCMC(PCLangevin(...))`. A `potential_fn=` is likewise mapped by
+`vmap`, or else called on positions with a leading chain dim `[C, ...]` and must
+return `C` energies.
 
 Warm-up uses all chains (Stan's windows, `pyro_lpc.adaptation`): one step size,
 tuned by dual averaging towards `target_accept_prob` of the chains' *mean* MALA
@@ -53,6 +57,8 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import pyro
@@ -79,18 +85,20 @@ CHECK_RTOL = 1e-4
 
 def _not_vectorisable(reason: str, num_chains: int) -> ValueError:
     return ValueError(
-        f"The model cannot be vectorised over {num_chains} chains under an outer "
-        f"pyro.plate('_chains'): {reason}. Use pyro.infer.MCMC(PCLangevin(model), "
-        f"num_chains={num_chains}) instead, which evaluates one chain at a time."
+        f"The model cannot be vectorised over {num_chains} chains ({reason}). Use "
+        f"pyro.infer.MCMC(PCLangevin(model), num_chains={num_chains}) instead, which evaluates one chain "
+        f"at a time."
     )
 
 
 class ChainPotential:
     """Per-chain energies `U_c` for positions `{site: [C, *site_shape]}` (unconstrained) from
     one trace of `model` under `pyro.plate("_chains", C, dim=chain_dim)`, with `chain_dim`
-    left of every plate and batch dim of the model's sites (`prototype`)."""
+    left of every plate and batch dim of the model's sites (`prototype`). With
+    `num_chains=None` it is one chain's energy (no plate, every dim summed), the function
+    `torch.func.vmap` maps over the chains."""
 
-    def __init__(self, model, args, kwargs, transforms, prototype: poutine.Trace, num_chains: int,
+    def __init__(self, model, args, kwargs, transforms, prototype: poutine.Trace, num_chains=None,
                  max_plate_nesting=None):
         self.model, self.args, self.kwargs = model, args, kwargs
         self.transforms, self.num_chains = transforms, num_chains
@@ -105,23 +113,36 @@ class ChainPotential:
         self.chain_dim = -nesting - 1
         self.pad = {name: nesting - n for name, n in batch_ndim.items()}
 
+    def _sum(self, log_p: torch.Tensor) -> torch.Tensor:
+        if self.num_chains is None:
+            return log_p.sum()
+        return sum_except(log_p, (self.chain_dim,))
+
     def __call__(self, position):
-        num_chains = self.num_chains
+        chains = self.num_chains
         values, log_p = {}, 0.0
         for name, u in position.items():
             z = u
             if name in self.transforms:
                 inverse = self.transforms[name].inv
                 z = inverse(u)
-                log_p = log_p + inverse.log_abs_det_jacobian(u, z).reshape(num_chains, -1).sum(-1)
-            values[name] = z.reshape((num_chains,) + (1,) * self.pad[name] + z.shape[1:])
-        with pyro.plate("_chains", num_chains, dim=self.chain_dim), pyro.validation_enabled(False):
+                jacobian = inverse.log_abs_det_jacobian(u, z)
+                log_p = log_p + (jacobian.sum() if chains is None else jacobian.reshape(chains, -1).sum(-1))
+            values[name] = z if chains is None else z.reshape((chains,) + (1,) * self.pad[name] + z.shape[1:])
+        plate = pyro.plate("_chains", chains, dim=self.chain_dim) if chains else contextlib.nullcontext()
+        with plate, pyro.validation_enabled(False):
             trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
         for site in trace.nodes.values():
             if site["type"] == "sample" and not site_is_subsample(site):
-                site_log_p = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
-                log_p = log_p + sum_except(site_log_p, (self.chain_dim,))
-        return -log_p.expand(num_chains)
+                log_p = log_p + self._sum(scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"],
+                                                         site["mask"]))
+        return -log_p if chains is None else -log_p.expand(chains)
+
+
+def mapped(energy):
+    """`energy` of one chain's position mapped over a leading chain dim by `torch.func.vmap`
+    (random operations in the model are refused: a potential must be deterministic)."""
+    return torch.func.vmap(energy, randomness="error")
 
 
 class VectorizedMCMC(MCMC):
@@ -192,15 +213,8 @@ class VectorizedMCMC(MCMC):
                                  f"dim of num_chains={num_chains}.")
             self.transforms = self.transforms or kernel.transforms or {}
             position = {k: v.detach() for k, v in self._initial_params.items()}
-            value_and_grad = langevin.value_and_grad(kernel.potential_fn)
-            potential, grad = value_and_grad(position)
-            if potential.shape != (num_chains,):
-                raise ValueError(
-                    f"potential_fn must return one energy per chain, shape ({num_chains},), for positions with "
-                    f"a leading chain dim; got shape {tuple(potential.shape)}."
-                )
-            self._check_finite(potential, grad)
-            return position, value_and_grad
+            ways = {"torch.func.vmap": mapped(kernel.potential_fn), "a batched call": kernel.potential_fn}
+            return position, self._vectorised(ways, position, one_chain=None)
         built = joint_potential(kernel.model, args, kwargs, transforms=kernel.transforms,
                                 init_strategy=kernel._init_strategy, max_plate_nesting=kernel._max_plate_nesting)
         if not built.initial_params:
@@ -212,16 +226,34 @@ class VectorizedMCMC(MCMC):
             raise _not_vectorisable(f"its discrete latent site(s) {discrete} are enumerated", num_chains)
         self.transforms = kernel.transforms = built.transforms
         position = self._initial_positions(built, args, kwargs)
-        potential = ChainPotential(kernel.model, args, kwargs, built.transforms, built.prototype_trace,
-                                   num_chains, kernel._max_plate_nesting)
-        value_and_grad = langevin.value_and_grad(potential)
-        try:
-            energies, grads = value_and_grad(position)
-        except Exception as error:  # any failure of the user's model under the chain plate
-            raise _not_vectorisable(f"{type(error).__name__}: {str(error).splitlines()[0].rstrip('.')}", num_chains) from error
-        self._check_against_one_chain(langevin.value_and_grad(built.potential_fn), position, energies, grads)
-        self._check_finite(energies, grads)
-        return position, value_and_grad
+        energy = functools.partial(ChainPotential, kernel.model, args, kwargs, built.transforms, trace,
+                                   max_plate_nesting=kernel._max_plate_nesting)
+        ways = {"torch.func.vmap": mapped(energy()), "pyro.plate('_chains')": energy(num_chains=num_chains)}
+        return position, self._vectorised(ways, position, langevin.value_and_grad(built.potential_fn))
+
+    def _vectorised(self, ways, position, one_chain):
+        """The first of `ways` (vectorised potentials by name) that gives one finite energy
+        per chain, equal to `one_chain`'s (Pyro's potential) where given; the value-and-gradient
+        function of it. Raises with every way's reason when none does."""
+        failures = []
+        for how, potential in ways.items():
+            value_and_grad = langevin.value_and_grad(potential)
+            try:
+                energies, grads = value_and_grad(position)
+            except Exception as error:  # any failure of the user's model or potential_fn under this way
+                failures.append(f"{how}: {type(error).__name__}: {str(error).splitlines()[0].rstrip('.')}")
+                continue
+            if energies.shape != (self.num_chains,):
+                failures.append(f"{how}: one energy per chain, shape ({self.num_chains},), is needed for "
+                                f"positions with a leading chain dim; got shape {tuple(energies.shape)}")
+                continue
+            mismatch = one_chain and self._differs_from_one_chain(one_chain, position, energies, grads)
+            if mismatch:
+                failures.append(f"{how}: {mismatch}")
+                continue
+            self._check_finite(energies, grads)
+            return value_and_grad
+        raise _not_vectorisable("; ".join(failures), self.num_chains)
 
     def _initial_positions(self, built, args, kwargs):
         """`initial_params`, else `C` draws of the init strategy with finite energy (Pyro's own
@@ -239,22 +271,19 @@ class VectorizedMCMC(MCMC):
             position.update({name: torch.stack([d[name] for d in draws]) for name in draws[0]})
         return position
 
-    def _check_against_one_chain(self, one_chain, position, energies, grads):
-        """Raise unless each chain's vectorised energy and gradient equal Pyro's one-chain ones."""
+    def _differs_from_one_chain(self, one_chain, position, energies, grads):
+        """Why the chains' vectorised energies or gradients differ from Pyro's one-chain ones, or `None`."""
         for c in range(self.num_chains):
             energy, grad = one_chain({k: v[c] for k, v in position.items()})
             if not torch.isfinite(energy):
                 continue  # a non-finite start is reported by `_check_finite`
             if not torch.allclose(energies[c], energy, rtol=CHECK_RTOL, atol=CHECK_RTOL):
-                raise _not_vectorisable(
-                    f"chain {c}'s energy is {energies[c].item():.6g} vectorised but {energy.item():.6g} "
-                    f"evaluated alone (does the model reduce or reshape a latent over all its dims?)",
-                    self.num_chains,
-                )
+                return (f"chain {c}'s energy is {energies[c].item():.6g} vectorised but {energy.item():.6g} "
+                        f"evaluated alone (does the model reduce or reshape a latent over all its dims?)")
             for name, g in grad.items():
                 if not torch.allclose(grads[name][c], g, rtol=CHECK_RTOL, atol=CHECK_RTOL * (1 + g.abs().max().item())):
-                    raise _not_vectorisable(f"chain {c}'s gradient at site '{name}' differs from the one-chain "
-                                            f"gradient", self.num_chains)
+                    return f"chain {c}'s gradient at site '{name}' differs from the one-chain gradient"
+        return None
 
     def _check_finite(self, energies, grads):
         ok = langevin.finite(energies, grads, batch_ndim=1)

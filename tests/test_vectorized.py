@@ -128,7 +128,7 @@ def test_chains_start_spread_out_from_the_init_strategy_or_guide():
     assert starts[0].unique().numel() == 4 and ((starts[0] - 100).abs() < 0.1).all()
 
 
-# -- what cannot be vectorised, and wrong inputs ---------------------------------------------------
+# -- how the model is vectorised, what cannot be, and wrong inputs ---------------------------
 def reshapes_a_latent(y):
     z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
     pyro.sample("y", dist.Normal(z.view(2)[0], 1.0), obs=y)  # breaks under a leading chain dim
@@ -136,13 +136,62 @@ def reshapes_a_latent(y):
 
 def reduces_a_latent(y):
     z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-    pyro.sample("y", dist.Normal(z.sum(), 1.0), obs=y)  # sums over the chains too: wrong, not an error
+    pyro.sample("y", dist.Normal(z.sum(), 1.0), obs=y)  # under a chain plate: sums over the chains too
 
 
-@pytest.mark.parametrize("model", [reshapes_a_latent, reduces_a_latent])
-def test_a_model_that_cannot_be_vectorised_gets_the_documented_error(model):
-    with pytest.raises(ValueError, match=r"cannot be vectorised over 3 chains.*pyro.infer.MCMC\(PCLangevin"):
+def matmul_of_a_latent(y):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(torch.tensor([[1.0, 0.0]]) @ z, 1.0).to_event(1), obs=y.reshape(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, mean0, var0", [(reshapes_a_latent, 0.25, 0.5), (reduces_a_latent, 1 / 6, 2 / 3),
+                                                (matmul_of_a_latent, 0.25, 0.5)])
+def test_models_written_for_one_chain_are_mapped_by_vmap(model, mean0, var0):
+    """Each model fixes its shapes for one chain (no leading dim), so a chain plate gets it wrong
+    or fails; mapped by vmap, the chains sample the exact Gaussian posterior of z given y = 0.5:
+    z[0] ~ N(0.25, 0.5) for y ~ N(z[0], 1); z[0] ~ N(1/6, 2/3) for y ~ N(z[0] + z[1], 1)."""
+    mcmc = run(PCLangevin(model), torch.tensor(0.5), num_chains=4, num_samples=1500, warmup_steps=500)
+    assert_moments(mcmc.get_samples(group_by_chain=True)["z"][..., 0], mean0, var0)
+
+
+def guarded(y):
+    """A data-dependent Python branch on a latent: vmap cannot trace it, a chain plate can."""
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    if z.detach().abs().max() > 1e6:
+        raise ValueError("z ran away")
+    pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+
+@pytest.mark.slow
+def test_a_model_vmap_cannot_trace_runs_under_the_chain_plate():
+    mcmc = run(PCLangevin(guarded), torch.tensor(0.5), num_chains=4, num_samples=1500, warmup_steps=500)
+    assert_moments(mcmc.get_samples(group_by_chain=True)["z"], 0.25, 0.5)
+
+
+def branches_on_a_latent(y):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    loc = z[0] if z[0] > 0 else -z[0]  # vmap: data-dependent; chain plate: a bool of several values
+    pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+
+def reads_a_latent_as_a_number(y):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(z.sum().item(), 1.0), obs=y)  # chain plate: runs, wrong energies
+
+
+@pytest.mark.parametrize("model, plate_reason", [(branches_on_a_latent, "RuntimeError"),
+                                                 (reads_a_latent_as_a_number, "chain 0's energy is")])
+def test_a_model_that_cannot_be_vectorised_gets_the_documented_error(model, plate_reason):
+    with pytest.raises(ValueError, match=r"cannot be vectorised over 3 chains \(torch.func.vmap: .*; "
+                                         rf"pyro.plate\('_chains'\): {plate_reason}.*pyro.infer.MCMC\(PCLangevin"):
         run(PCLangevin(model), torch.tensor(0.5), num_chains=3, num_samples=5, warmup_steps=5)
+
+
+def test_a_potential_fn_for_one_chain_is_mapped():
+    kernel = PCLangevin(potential_fn=lambda p: 0.5 * p["z"].square().sum())  # one chain's energy
+    mcmc = run(kernel, initial_params={"z": torch.randn(2, 3)}, num_chains=2, num_samples=5, warmup_steps=5)
+    assert mcmc.get_samples(group_by_chain=True)["z"].shape == (2, 5, 3)
 
 
 def test_wrong_inputs_are_named():
@@ -154,6 +203,6 @@ def test_wrong_inputs_are_named():
         VectorizedMCMC(PCLangevin(conjugate, adjust=False), num_samples=10)
     with pytest.raises(ValueError, match=r"initial_params\['z'\] has shape \(2, 1\).*num_chains=3"):
         VectorizedMCMC(PCLangevin(conjugate), num_samples=10, num_chains=3, initial_params={"z": torch.zeros(2, 1)})
-    kernel = PCLangevin(potential_fn=lambda p: p["z"].square().sum())  # not batched over chains
-    with pytest.raises(ValueError, match=r"one energy per chain, shape \(2,\).*got shape \(\)"):
+    kernel = PCLangevin(potential_fn=lambda p: p["z"][:, 0].square().sum())  # neither one chain's nor batched
+    with pytest.raises(ValueError, match=r"torch.func.vmap: IndexError.*one energy per chain, shape \(2,\).*got shape \(\)"):
         run(kernel, initial_params={"z": torch.zeros(2, 1)}, num_chains=2, num_samples=5, warmup_steps=5)
