@@ -104,6 +104,8 @@ class ChainsInfo(NamedTuple):
         late_drop: mean `U_i(z_{K//2}) - U_i(z_K)`, what [`AdaptiveSteps`][pyro_lpc.schedule.AdaptiveSteps] reads.
         start_energy: `(U_i, ∇U)` at the chains' start (the guide's draws), for the reverse-KL term;
             `None` when a start was redrawn.
+        final: the local chains' unconstrained positions after the last step (what
+            persistent chains store, [`pyro_lpc.persistent`][pyro_lpc.persistent]).
     """
 
     kept: List[dict]
@@ -112,6 +114,7 @@ class ChainsInfo(NamedTuple):
     energy_drop: Optional[torch.Tensor]
     late_drop: Optional[torch.Tensor]
     start_energy: Optional[Tuple[torch.Tensor, Position]]
+    final: Optional[Position] = None
 
 
 def run(evaluate: JointEvaluation, local: Position, state: SamplerState, settings: ChainSettings, *,
@@ -171,7 +174,7 @@ def run(evaluate: JointEvaluation, local: Position, state: SamplerState, setting
                                    global_values=constrain(global_state.position))
     final = local_state.potential
     info = ChainsInfo(kept, _stack(accept, torch.float), _stack(diverged, torch.bool), (initial - final).mean(),
-                      (halfway - final).mean(), start)
+                      (halfway - final).mean(), start, local_state.position)
     return info, carried
 
 

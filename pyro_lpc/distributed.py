@@ -106,6 +106,11 @@ class SingleProcess:
         """Every rank's `obj`, in rank order (on every rank)."""
         return [obj]
 
+    def gather_rows(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Each of `tensors` (the same number of rows on this rank, any number per rank)
+        concatenated along dim 0 over ranks in rank order, on every rank."""
+        return list(tensors)
+
     def check_same(self, what: str, value) -> None:
         """Raise on every rank if `value` differs between ranks."""
 
@@ -137,7 +142,8 @@ class SingleProcess:
 
         For a tensor `data` the batches are *global* (`world_size × batch_size`
         rows, in the same order on every rank) and each rank takes its contiguous
-        share of the rows (a final batch with fewer rows than ranks is dropped). A
+        share of the rows, and of the batch's `data_indices` when it has them (a
+        final batch with fewer rows than ranks is dropped). A
         loader with a `DistributedSampler` is already sharded (its `set_epoch`
         is called). Any other iterable is dealt round-robin, batch `i` to rank
         `i mod world_size`, dropping an incomplete final round so that every
@@ -146,7 +152,8 @@ class SingleProcess:
         if torch.is_tensor(data):
             for (batch,), kwargs in batches:
                 if len(batch) >= self.world_size:
-                    yield (batch.tensor_split(self.world_size)[self.rank],), kwargs
+                    yield (batch.tensor_split(self.world_size)[self.rank],), \
+                        {k: v.tensor_split(self.world_size)[self.rank] for k, v in kwargs.items()}
             return
         sampler = getattr(data, "sampler", None)
         if isinstance(sampler, torch.utils.data.DistributedSampler):
@@ -211,6 +218,17 @@ class Replicas(SingleProcess):
     def gather_objects(self, obj):
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
+        return out
+
+    def gather_rows(self, tensors):
+        sizes = self.gather_objects(len(tensors[0]))
+        out = []
+        for t in tensors:  # padded to the most rows of any rank, as all_gather needs equal shapes
+            padded = t.new_zeros((max(sizes),) + t.shape[1:], device=self.device)
+            padded[:len(t)] = t.detach()
+            gathered = [torch.empty_like(padded) for _ in sizes]
+            dist.all_gather(gathered, padded)
+            out.append(torch.cat([g[:n] for g, n in zip(gathered, sizes)]).to(t.device))
         return out
 
     def check_same(self, what, value):

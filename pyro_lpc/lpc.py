@@ -38,7 +38,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from . import chains, distributed, langevin
+from . import chains, distributed, langevin, persistent
 from .checkpoint import register_params
 from .compiled import CompiledEnergies
 from .potential import SplitEnergy, PyroEvaluation, batch_shapes, latent_sites, nonfinite_in_trace, \
@@ -105,6 +105,12 @@ class LPC:
         generator: a CPU `torch.Generator` for the global chain's noise
             (drawn alike on every process under `torchrun`); default: one seeded
             from torch's random stream.
+        persistent_chains (bool): keep each data point's local chain state across visits
+            (epochs), by dataset index, and start each visit from it or from a fresh guide
+            draw by an independence Metropolis choice ([`pyro_lpc.persistent`][pyro_lpc.persistent]):
+            a point seen E times has had E·K steps. The indices come from
+            `step(..., data_indices=idx)` or a subsampled data plate. The store holds one
+            copy of the local latents per data point (MNIST, 50 latents: 12 MB).
 
     Example, with a learning-rate schedule and an evaluation every 10 steps:
 
@@ -137,7 +143,7 @@ class LPC:
                  global_step_size: Optional[float] = None, precondition: Optional[str] = "diagonal",
                  adjust: bool = False, warm_start: str = "jeffreys", keep: Union[str, int, slice] = "last",
                  data_plate: Optional[str] = None, jit_compile: bool = False, jit_options: Optional[dict] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, persistent_chains: bool = False):
         if not isinstance(jit_compile, bool):
             raise TypeError(f"jit_compile must be True or False, got {jit_compile!r} (torch.compile options go "
                             "in jit_options).")
@@ -170,6 +176,10 @@ class LPC:
             generator = torch.Generator().manual_seed(self.group.broadcast_object(int(torch.randint(2**62, ()))))
         self.generator = generator
         self.sampler_state = chains.SamplerState()
+        if not isinstance(persistent_chains, bool):
+            raise TypeError(f"persistent_chains must be True or False, got {persistent_chains!r}.")
+        #: the persistent chains' states by dataset index ([`ChainStore`][pyro_lpc.persistent.ChainStore]), or `None`
+        self.chain_store = persistent.ChainStore() if persistent_chains else None
         self.iteration = 0
         self._synced = False  # parameters broadcast from rank 0 yet?
         self._structure = None  # the last batch's SplitEnergy, reused by later batches of its shapes
@@ -183,7 +193,8 @@ class LPC:
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What a resumed run needs besides the parameters and optimisers: the sampler state
-        ([`SamplerState`][pyro_lpc.chains.SamplerState]), the step sizes, the schedule and adaptation."""
+        ([`SamplerState`][pyro_lpc.chains.SamplerState]), the step sizes, the schedule and adaptation, and
+        with `persistent_chains` the stored chain states (`chain_store`)."""
         return {
             **self.sampler_state._asdict(),
             "step_size": self.step_size,
@@ -192,6 +203,7 @@ class LPC:
             "generator": self.generator.get_state(),
             "schedule": self.schedule.state_dict(),
             "adaptation": self.adaptation.state_dict() if self.adaptation else None,
+            "chain_store": self.chain_store.state_dict() if self.chain_store else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,6 +219,8 @@ class LPC:
         if self.adaptation and state.get("adaptation"):
             self.adaptation.load_state_dict(state["adaptation"])
             self.step_size = self.adaptation.step_size
+        if self.chain_store is not None and state.get("chain_store"):
+            self.chain_store.load_state_dict(state["chain_store"])
 
     # -- one iteration ---------------------------------------------------------------------
     def step(self, *args, **kwargs) -> Dict[str, Optional[float]]:
@@ -217,19 +231,37 @@ class LPC:
         `energy_drop`/`late_energy_drop` ([`ChainsInfo`][pyro_lpc.chains.ChainsInfo]),
         `divergences` and, with MALA or `target_accept_prob`, `accept_rate`. Under
         `torchrun` the figures are those of the global batch. Nothing is updated unless
-        every gradient is finite ([`NonFiniteError`][pyro_lpc.NonFiniteError] otherwise)."""
+        every gradient is finite ([`NonFiniteError`][pyro_lpc.NonFiniteError] otherwise).
+
+        With `persistent_chains`, the keyword `data_indices` (a 1-d integer tensor, one
+        dataset index per data point of the batch) is taken by `step`, not passed to the
+        model; without it the indices come from a subsampled data plate. Without
+        `persistent_chains` every keyword goes to the model."""
+        indices = kwargs.pop(persistent.INDICES, None) if self.chain_store is not None else None
         if not self._synced:
             self._broadcast_params(args, kwargs)
         steps = self.schedule(self.iteration)
         guide_trace, energy, start = self._chain_start(args, kwargs)
         num_steps = max(steps, 1 if energy.globals else 0)  # a global chain keeps moving
+        local = energy.unconstrain({n: start[n] for n in energy.local})
+        stored_starts = False  # does any chain start from a stored state?
+        if self.chain_store is not None:
+            indices, local, from_store = self._persistent_start(energy, guide_trace, start, local, indices,
+                                                                args, kwargs)
+            stored_starts = bool(from_store.any())
+            if stored_starts:
+                start = {**start, **energy.constrain(local)[0]}
         state, fused = self.sampler_state, None
         if num_steps:
             with torch.no_grad():
-                info, state = self._run_chains(energy, start, num_steps, self.keep, move_globals=True)
-        else:  # no chains: θ steps on the guide's draws
-            info = chains.ChainsInfo([start], torch.zeros(0), torch.zeros(0, dtype=torch.bool), None, None, None)
-            fused = self._fused_gradients(energy, guide_trace, start, args, kwargs)
+                info, state = self._run_chains(energy, local, num_steps, self.keep, move_globals=True)
+            if stored_starts:  # the reverse term cannot read the guide draws' energies off the chains
+                info = info._replace(start_energy=None)
+        else:  # no chains: θ steps on the starts (the guide's draws, or stored states)
+            info = chains.ChainsInfo([start], torch.zeros(0), torch.zeros(0, dtype=torch.bool), None, None, None,
+                                     local)
+            if not stored_starts:
+                fused = self._fused_gradients(energy, guide_trace, start, args, kwargs)
         if fused:
             (params, grads, log_joint, trace), (g_params, g_grads, guide_loss) = fused
         else:
@@ -257,6 +289,10 @@ class LPC:
         _apply(self.optim, params, grads)
         _apply(self.guide_optim, g_params, g_grads)
         self.sampler_state = state
+        if self.chain_store is not None:  # every rank stores the global batch's final states
+            names = list(info.final)
+            indices, *final = self.group.gather_rows([indices] + [info.final[n] for n in names])
+            self.chain_store.update(indices, dict(zip(names, final)))
         figures = {
             "iteration": self.iteration,
             "log_joint": log_joint.item() / energy.num_data(),
@@ -280,11 +316,14 @@ class LPC:
         [`SplitEnergy`][pyro_lpc.potential.SplitEnergy] and [`ChainsInfo`][pyro_lpc.chains.ChainsInfo]
         (`keep` as for the constructor; `num_steps` default [`max_steps`][pyro_lpc.LPC.max_steps])."""
         structure, state = self._structure, self.sampler_state
+        if self.chain_store is not None:
+            kwargs.pop(persistent.INDICES, None)  # the chains start from the guide; the store is left alone
         try:
             with torch.no_grad():
                 _, energy, start = self._chain_start(args, kwargs, reuse_structure=False)
                 num_steps = num_steps or self.max_steps
-                info, _ = self._run_chains(energy, start, num_steps, check_keep(keep, num_steps), move_globals=False)
+                local = energy.unconstrain({n: start[n] for n in energy.local})
+                info, _ = self._run_chains(energy, local, num_steps, check_keep(keep, num_steps), move_globals=False)
         finally:
             self._structure, self.sampler_state = structure, state
         return energy, info
@@ -346,10 +385,25 @@ class LPC:
                 and structure.shapes == batch_shapes(args, kwargs)
                 and set(start) == set(structure.local) and set(structure.replay.nodes) <= set(replay.nodes))
 
-    def _run_chains(self, energy: SplitEnergy, start, num_steps: int, keep, move_globals: bool):
-        """The chains from `start` ([`pyro_lpc.chains.run`][pyro_lpc.chains.run]); `move_globals=False` holds
-        the global latents at their current values."""
-        local = energy.unconstrain({n: start[n] for n in energy.local})
+    def _persistent_start(self, energy: SplitEnergy, guide_trace, start, local, indices, args, kwargs):
+        """The batch's dataset indices, each chain's start (unconstrained, chain-first: the stored state or
+        the draw `local`, [`choose_starts`][pyro_lpc.persistent.choose_starts]) and which are stored states."""
+        if not energy.local:
+            raise ValueError(f"persistent_chains=True keeps the chains of local latents (inside the data plate), "
+                             f"but every latent of the model is global: {energy.globals}.")
+        persistent.check_guide(guide_trace, energy)
+        indices = persistent.batch_indices(indices, energy, next(iter(local.values())).shape[0])
+        stored, seen = self.chain_store.lookup(indices, local)
+        if not bool(seen.any()):
+            return indices, local, seen
+        local, from_store = persistent.choose_starts(energy, self.warm, guide_trace, args, kwargs, start, local,
+                                                     stored, seen)
+        return indices, local, from_store
+
+    def _run_chains(self, energy: SplitEnergy, local, num_steps: int, keep, move_globals: bool):
+        """The chains from the unconstrained chain-first starts `local`
+        ([`pyro_lpc.chains.run`][pyro_lpc.chains.run]); `move_globals=False` holds the global latents at
+        their current values."""
         move_globals = move_globals and bool(energy.globals)
         evaluate = self.backend.evaluation(energy, self.sampler_state.global_values, move_globals)
         state = self.sampler_state

@@ -14,6 +14,7 @@ from pyro.optim.lr_scheduler import PyroLRScheduler
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, save_rng
+from .persistent import INDICES
 from .potential import batch_shapes
 from .warm_start import WarmStart
 
@@ -54,36 +55,37 @@ class FitResult:
         return f"FitResult({len(self.history)} iterations, last={last})"
 
 
-def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Generator] = None, batch_args=None):
+def minibatches(data, batch_size, shuffle=True, generator: Optional[torch.Generator] = None, batch_args=None,
+                indexed: bool = False, batch_indices=None):
     """Mini-batches of `data` for one epoch, as `(args, kwargs)`: a tensor is split
     along dim 0 (shuffled with `generator`, a CPU generator, unless `shuffle=False`);
     an iterable yields tuples (`model(*batch)`), dicts (`model(**batch)`) or
-    single arguments, each first mapped by `batch_args(batch)` when given."""
+    single arguments, each first mapped by `batch_args(batch)` when given. With
+    `indexed`, `kwargs["data_indices"]` holds the batch's dataset indices (for
+    persistent chains): a tensor's rows, or `batch_indices(batch)` of an iterable's batch."""
     if torch.is_tensor(data):
         if batch_size is None:
             raise ValueError("data is a tensor: give batch_size to split it into mini-batches.")
-        if not shuffle:
-            for chunk in data.split(batch_size):
-                yield (chunk,), {}
-            return
-        order = torch.randperm(data.shape[0], generator=generator).to(data.device)
-        for idx in order.split(batch_size):
-            yield (data[idx],), {}
+        order = torch.randperm(data.shape[0], generator=generator) if shuffle else torch.arange(data.shape[0])
+        for idx in order.to(data.device).split(batch_size):
+            yield (data[idx],), ({INDICES: idx} if indexed else {})
         return
-    for batch in data:
-        if batch_args is not None:
-            batch = batch_args(batch)
+    for raw in data:
+        batch = raw if batch_args is None else batch_args(raw)
         if isinstance(batch, dict):
-            yield (), batch
+            args, kwargs = (), dict(batch)
         elif isinstance(batch, (tuple, list)):
-            yield tuple(batch), {}
+            args, kwargs = tuple(batch), {}
         else:
-            yield (batch,), {}
+            args, kwargs = (batch,), {}
+        if indexed and batch_indices is not None:
+            kwargs[INDICES] = batch_indices(raw)
+        yield args, kwargs
 
 
 def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generator, progress, checkpoint_dir,
                resume, model, guide, optims, state=None, on_epoch=None, desc="fit", key="log_joint",
-               batch_args=None) -> List[dict]:
+               batch_args=None, indexed=False, batch_indices=None) -> List[dict]:
     """The epoch loop shared by [`fit`][pyro_lpc.fit.fit] and [`fit_svi`][pyro_lpc.baselines.fit_svi].
 
     `step(args, kwargs, iteration, epoch, history)` trains on one mini-batch and
@@ -92,7 +94,9 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
     iterable's batches mapped by `batch_args`), resumes from and writes (rank 0)
     a checkpoint after each epoch (params, `optims`, every rank's RNG states,
     `generator`, history and `state.state_dict()`), and shows a progress bar
-    of `key` on rank 0. Bad inputs are refused before anything is trained or written.
+    of `key` on rank 0. With `indexed` each batch's dataset indices ride in its keyword
+    `data_indices` ([`minibatches`][pyro_lpc.training.minibatches]). Bad inputs are refused before
+    anything is trained or written.
     """
     _check_inputs(data, num_epochs, batch_args)
     history: List[dict] = []
@@ -100,7 +104,7 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
     path = checkpoint_path(checkpoint_dir) if checkpoint_dir else None
     def epoch_batches(epoch):
         batches = minibatches(data, batch_size * group.world_size if batch_size else None, generator=generator,
-                              batch_args=batch_args)
+                              batch_args=batch_args, indexed=indexed, batch_indices=batch_indices)
         return group.shard(batches, data, epoch)
 
     if resume:
@@ -126,7 +130,7 @@ def run_epochs(step, data, *, batch_size, num_epochs, group, base_seed, generato
         epoch_start = len(history)
         for args, kwargs in epoch_batches(epoch):
             if iteration == first:
-                _check_call(model, guide, args, kwargs)
+                _check_call(model, guide, args, {k: v for k, v in kwargs.items() if not (indexed and k == INDICES)})
             row = step(args, kwargs, iteration, epoch, history)
             row["time"] = time.perf_counter() - clock
             history.append(row)

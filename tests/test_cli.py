@@ -265,3 +265,18 @@ def test_impute_refuses_bad_options(lpc_run, capsys):
         assert f"argument {option}" in capsys.readouterr().err
     assert main(["impute", lpc_run, "-n", "100000"]) == 2
     assert "-n 100000: the test set holds only" in capsys.readouterr().err
+
+
+def test_persistent_chains_option_is_recorded_and_keeps_every_image(tmp_path):
+    run = str(tmp_path / "persistent")
+    assert main(["train", "--out", run, "--persistent-chains"] + TINY) == 0
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["persistent_chains"] is True
+    store = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["sampler"]["chain_store"]
+    assert bool(store["seen"].all()) and store["positions"]["z"].shape[1:] == (16,)  # every image, z of 16
+    assert main(["train", "--out", run, "--resume", "--epochs", "2", "--quiet"]) == 0  # resumes with its store
+
+
+def test_persistent_chains_need_lpc(tmp_path, capsys):
+    assert main(["train", "--method", "vae", "--persistent-chains", "--out", str(tmp_path / "vae")] + TINY) == 2
+    assert "--persistent-chains keeps LPC's chains" in capsys.readouterr().err

@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "C++ compiler on CPU) or cuda-graphs (compiled and replayed as a CUDA graph)")
     train.add_argument("--keep", default="last", type=_keep, metavar="{last,all,INT,every:N}",
                        help="samples feeding θ: last, all, an int burn-in or every:N (every N-th)")
+    train.add_argument("--persistent-chains", action="store_true",
+                       help="keep each image's chain state across epochs and start each visit from it or a "
+                            "fresh encoder draw (an independence Metropolis choice); memory: one copy of z per "
+                            "training image (MNIST, 50 latents: 12 MB)")
     train.add_argument("--particles", type=int, default=5, help="k for --method iwae")
     train.add_argument("--eval-samples", type=int, default=1000, help="k of the test IWAE bound")
     train.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and chains")
@@ -215,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """`(dataset[i], i)`: images with their indices, for `--persistent-chains`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index], index
+
+
 def missing_pixels(shape, pattern: str, fraction: float = 0.5) -> torch.Tensor:
     """A boolean mask of `shape` `(N, C, H, W)`, True = observed, the same for every channel:
     `"bottom-half"` hides rows `H // 2` to `H - 1`; `"random"` hides `round(fraction · H · W)`
@@ -250,6 +267,7 @@ def _config_from_args(args) -> dict:
         "warm_start": args.warm_start,
         "adjust": args.adjust,
         "keep": args.keep,
+        "persistent_chains": args.persistent_chains,
         "target_accept": args.target_accept,
         "compile": args.compile,
         "particles": args.particles,
@@ -264,6 +282,8 @@ def train(args) -> int:
     group = distributed.replicas()
     if group.world_size > 1 and args.method != "lpc":
         raise NotImplementedError(f"--method {args.method} trains in one process; run it without torchrun.")
+    if args.persistent_chains and args.method != "lpc":
+        raise ValueError(f"--persistent-chains keeps LPC's chains; --method {args.method} has none.")
     if group.is_main:
         out = args.out or default_run_dir(args.dataset, args.method, existing=args.resume)
         config = run_config(out, _config_from_args(args), resume=args.resume, epochs=args.epochs)
@@ -278,9 +298,12 @@ def train(args) -> int:
         write_config(out, config)
     pyro.clear_param_store()
     dlgm = run_model(config, train_set.info.image_shape).to(args.device)
-    loader = data_loader(train_set, config["batch_size"], group=group, seed=config["seed"])
+    persistent = config.get("persistent_chains", False)
+    loader = data_loader(_Indexed(train_set) if persistent else train_set, config["batch_size"], group=group,
+                         seed=config["seed"])
     common = dict(num_epochs=config["epochs"], seed=config["seed"], progress=not args.quiet and group.is_main,
-                  checkpoint_dir=out, resume=args.resume, batch_args=lambda x: x.to(args.device))
+                  checkpoint_dir=out, resume=args.resume,
+                  batch_args=(lambda b: b[0].to(args.device)) if persistent else lambda x: x.to(args.device))
     optim = lambda: pyro.optim.Adam({"lr": config["lr"]})  # noqa: E731
     started = time.perf_counter()
     if config["method"] == "lpc":
@@ -290,7 +313,8 @@ def train(args) -> int:
                      precondition=config["precondition"], adjust=config["adjust"],
                      warm_start="jeffreys" if guide is None else config["warm_start"],
                      keep=_keep_for_fit(config["keep"]), target_accept_prob=config.get("target_accept"),
-                     jit_compile=jit_compile, jit_options=jit_options, optim=optim(), guide_optim=optim(), **common)
+                     jit_compile=jit_compile, jit_options=jit_options, optim=optim(), guide_optim=optim(),
+                     persistent_chains=persistent, batch_indices=(lambda b: b[1]) if persistent else None, **common)
     else:
         objective = "elbo" if config["method"] == "vae" else "iwae"
         result = fit_svi(dlgm.model, dlgm.guide, loader, objective=objective, num_particles=config["particles"],
