@@ -13,6 +13,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_lpc import LPC, fit
+from test_schedule import vae_guide, vae_model
 
 N = 24
 SPREAD = torch.linspace(-20.0, 20.0, N)  # each point's posterior sits at its own x (sd 0.1), far from the others
@@ -105,25 +106,12 @@ def test_metropolis_choice_keeps_the_exact_posterior(num_steps):
         assert abs(values.mean() - expected) < 5 * mcse, (values.mean(), expected, mcse)
 
 
-def encoder_model(x):
-    w = pyro.param("w", torch.tensor([1.0, -0.5]))
-    with pyro.plate("data", x.shape[0]):
-        z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        pyro.sample("x", dist.Normal(z[:, None] * w, 0.5).to_event(1), obs=x)
-
-
-def encoder_guide(x):
-    net = pyro.param("net", torch.zeros(2))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("z", dist.Normal(x @ net, 1.0))
-
-
 def test_resume_is_bit_identical(tmp_path):
     x = torch.randn(48, 2, generator=torch.Generator().manual_seed(1))
 
     def run(epochs, resume, folder):
         pyro.clear_param_store()
-        return fit(encoder_model, encoder_guide, x, batch_size=16, num_epochs=epochs, num_steps=3, seed=5,
+        return fit(vae_model, vae_guide, x, batch_size=16, num_epochs=epochs, num_steps=3, seed=5,
                    progress=False, checkpoint_dir=str(folder), resume=resume, persistent_chains=True,
                    optim=pyro.optim.Adam({"lr": 0.05}))
 
