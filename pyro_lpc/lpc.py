@@ -244,10 +244,10 @@ class LPC:
         guide_trace, energy, start = self._chain_start(args, kwargs)
         num_steps = max(steps, 1 if energy.globals else 0)  # a global chain keeps moving
         local = energy.unconstrain({n: start[n] for n in energy.local})
-        stored_starts = False  # does any chain start from a stored state?
+        stored_starts, at_draw = False, None  # any chain from a stored state? (U_i, ∇U) at the guide's draws
         if self.chain_store is not None:
-            indices, local, from_store = self._persistent_start(energy, guide_trace, start, local, indices,
-                                                                args, kwargs)
+            indices, local, from_store, at_draw = self._persistent_start(energy, guide_trace, local, indices,
+                                                                         args, kwargs)
             stored_starts = bool(from_store.any())
             if stored_starts:
                 start = {**start, **energy.constrain(local)[0]}
@@ -255,11 +255,11 @@ class LPC:
         if num_steps:
             with torch.no_grad():
                 info, state = self._run_chains(energy, local, num_steps, self.keep, move_globals=True)
-            if stored_starts:  # the reverse term cannot read the guide draws' energies off the chains
-                info = info._replace(start_energy=None)
+            if at_draw is not None:  # the reverse term reads the guide draws' energies, not the starts'
+                info = info._replace(start_energy=at_draw)
         else:  # no chains: θ steps on the starts (the guide's draws, or stored states)
-            info = chains.ChainsInfo([start], torch.zeros(0), torch.zeros(0, dtype=torch.bool), None, None, None,
-                                     local)
+            info = chains.ChainsInfo([start], torch.zeros(0), torch.zeros(0, dtype=torch.bool), None, None,
+                                     at_draw, local)
             if not stored_starts:
                 fused = self._fused_gradients(energy, guide_trace, start, args, kwargs)
         if fused:
@@ -385,9 +385,10 @@ class LPC:
                 and structure.shapes == batch_shapes(args, kwargs)
                 and set(start) == set(structure.local) and set(structure.replay.nodes) <= set(replay.nodes))
 
-    def _persistent_start(self, energy: SplitEnergy, guide_trace, start, local, indices, args, kwargs):
+    def _persistent_start(self, energy: SplitEnergy, guide_trace, local, indices, args, kwargs):
         """The batch's dataset indices, each chain's start (unconstrained, chain-first: the stored state or
-        the draw `local`, [`choose_starts`][pyro_lpc.persistent.choose_starts]) and which are stored states."""
+        the draw `local`, [`choose_starts`][pyro_lpc.persistent.choose_starts]), which are stored states,
+        and the energies at the guide's draws (`None` if not evaluated)."""
         if not energy.local:
             raise ValueError(f"persistent_chains=True keeps the chains of local latents (inside the data plate), "
                              f"but every latent of the model is global: {energy.globals}.")
@@ -395,10 +396,13 @@ class LPC:
         indices = persistent.batch_indices(indices, energy, next(iter(local.values())).shape[0])
         stored, seen = self.chain_store.lookup(indices, local)
         if not bool(seen.any()):
-            return indices, local, seen
-        local, from_store = persistent.choose_starts(energy, self.warm, guide_trace, args, kwargs, start, local,
-                                                     stored, seen)
-        return indices, local, from_store
+            return indices, local, seen, None
+        evaluate = self.backend.evaluation(energy, self.sampler_state.global_values, False)
+        with torch.no_grad():
+            local, from_store, at_draw = persistent.choose_starts(lambda position: evaluate(position, {})[0],
+                                                                  energy, self.warm, guide_trace, args, kwargs,
+                                                                  local, stored, seen)
+        return indices, local, from_store, at_draw
 
     def _run_chains(self, energy: SplitEnergy, local, num_steps: int, keep, move_globals: bool):
         """The chains from the unconstrained chain-first starts `local`

@@ -50,7 +50,7 @@ import pyro.poutine as poutine
 import torch
 
 from .langevin import Position, select
-from .potential import SplitEnergy, plate_log_prob, subsample_trace, sum_except
+from .potential import SplitEnergy, subsample_trace, sum_except
 from .warm_start import WarmStart, guide_sites, is_auxiliary
 
 #: the keyword of `LPC.step` (and of `fit`'s batches) that carries the batch's dataset indices
@@ -169,44 +169,40 @@ def check_guide(guide_trace: Optional[poutine.Trace], energy: SplitEnergy) -> No
             f"samples the local latent(s) {energy.local} itself.")
 
 
-def choose_starts(energy: SplitEnergy, warm: Optional[WarmStart], guide_trace, args, kwargs, start: dict,
-                  draw: Position, stored: Position, seen: torch.Tensor) -> Tuple[Position, torch.Tensor]:
-    """Each chain's start (chain-first, unconstrained) and whether it is the stored state.
+def choose_starts(evaluate, energy: SplitEnergy, warm: Optional[WarmStart], guide_trace, args, kwargs,
+                  draw: Position, stored: Position, seen: torch.Tensor):
+    """Each chain's start (chain-first, unconstrained), whether it is the stored state, and the
+    energies `(U_i, ∇U)` at the draw (`None` without a guide).
 
-    `draw` is the guide's (or prior's) draw, `stored` the stored states (rows not `seen`
-    hold the draw), `start` the constrained start values of every latent (the global
-    latents' are used as they are). Unseen points take the draw; with a guide the others
-    take it by the independence Metropolis test of the module docstring (torch's random
-    stream), without one they keep the stored state.
+    `draw` is the guide's (or prior's) draw, `stored` the stored states (rows not `seen` hold
+    the draw) and `evaluate(position) -> (U_i, ∇U)` the chains' energy (with the global
+    latents held); call it under `torch.no_grad()`. Unseen points take the draw; with a guide the others take it by the
+    independence Metropolis test of the module docstring (torch's random stream), with
+    `log w = -U_i(u) - log|det ∂z/∂u| - log q(z | x)` in unconstrained space `u`; without
+    one they keep the stored state.
     """
     if warm is None:
-        return {k: select(seen, stored[k], v, 1) for k, v in draw.items()}, seen
-    with torch.no_grad():
-        stored_values = energy.constrain(stored)[0]
-        log_w_draw = _log_joint(energy, start, {}) - _log_guide(warm, guide_trace, None, args, kwargs, energy)
-        log_w_stored = _log_joint(energy, start, stored_values) - \
-            _log_guide(warm, guide_trace, stored_values, args, kwargs, energy)
+        return {k: select(seen, stored[k], v, 1) for k, v in draw.items()}, seen, None
+    at_draw = evaluate(draw)
+    log_w_draw = _log_weight(energy, at_draw[0], draw, warm, guide_trace, args, kwargs)
+    log_w_stored = _log_weight(energy, evaluate(stored)[0], stored, warm, guide_trace, args, kwargs, True)
     take_draw = ~seen | ~torch.isfinite(log_w_stored) | \
         (torch.rand(log_w_draw.shape, device=log_w_draw.device).log() < log_w_draw - log_w_stored)
-    return {k: select(take_draw, v, stored[k], 1) for k, v in draw.items()}, ~take_draw
+    return {k: select(take_draw, v, stored[k], 1) for k, v in draw.items()}, ~take_draw, at_draw
 
 
-def _log_joint(energy: SplitEnergy, start: dict, values: dict) -> torch.Tensor:
-    """`log p(x_i, z_i)` per data point (user scales, not subsampling's) at `start` with `values` put in."""
-    plate = energy.plate
-    return plate_log_prob(energy.trace({**start, **values}), plate.name, (plate.dim,))
-
-
-def _log_guide(warm: WarmStart, guide_trace, values: Optional[dict], args, kwargs, energy: SplitEnergy):
-    """`log q(z_i | x_i)` per data point of the local sites, at the guide's own draw (`values=None`)
-    or at `values` (a guide with several sites is re-run conditioned on them, its subsample replayed)."""
+def _log_weight(energy: SplitEnergy, potential: torch.Tensor, position: Position, warm: WarmStart, guide_trace,
+                args, kwargs, rerun: bool = False) -> torch.Tensor:
+    """`log p(x_i, z_i) - log q(z_i | x_i)` per data point from the energies `U_i` at the
+    unconstrained `position`: the guide's own draw, or (`rerun`) other values, at which a
+    guide with several sites is re-run conditioned on them (its subsample replayed)."""
+    values, ladj = energy.constrain(position)
+    dim = energy.plate.dim
+    log_w = -potential - sum(sum_except(ladj[name], (dim,)) for name in energy.local)
     sites = [n for n in guide_sites(guide_trace) if n in energy.local]
-    if values is not None and len(guide_sites(guide_trace)) > 1:
+    if rerun and len(guide_sites(guide_trace)) > 1:
         guide = poutine.condition(poutine.replay(warm.guide, trace=subsample_trace(guide_trace)), data=values)
         guide_trace = poutine.trace(guide).get_trace(*args, **(kwargs or {}))
-    total = 0.0
     for name in sites:
-        site = guide_trace.nodes[name]
-        value = site["value"] if values is None else values[name]
-        total = total + sum_except(site["fn"].log_prob(value), (energy.plate.dim,))
-    return total
+        log_w = log_w - sum_except(guide_trace.nodes[name]["fn"].log_prob(values[name]), (dim,))
+    return log_w
