@@ -60,7 +60,10 @@ class PCLangevin(MCMCKernel):
     set. After warm-up a non-finite ULA proposal stops the chain with an error
     naming the step, and a ULA step past the stability limit (η times the
     curvature along the move above 2) is counted as a divergence, with a
-    warning; a non-finite MALA proposal is rejected and counted as a divergence.
+    warning; a MALA proposal that is non-finite or whose energy error
+    $-\log$(acceptance ratio) exceeds 1,000 (`langevin.MAX_ENERGY_ERROR`, Pyro's HMC
+    threshold; such a step went far past the local stability limit, as in a funnel's
+    neck) is rejected and counted as a divergence.
 
     ULA at the step size tuned for MALA's acceptance is biased: on a normal
     model with unknown mean and scale (50 points) its posterior sd of the scale
@@ -274,20 +277,21 @@ class PCLangevin(MCMCKernel):
                 self._state, self._value_and_grad, self.step_size, adjust=adjust
             )
         accept_prob = float(info.accept_prob)
-        if bool(info.diverged):
-            if warmup:
+        if warmup:
+            if bool(info.diverged):
                 new_state = self._state
-            elif self.adjust:
+        elif self.adjust:
+            if bool(langevin.divergent(info)):  # non-finite, or an energy error above 1000 (as HMC)
                 self._divergences.append(self._t - self._warmup_steps)
-            else:
-                bad = [k for k, v in new_state.position.items() if not torch.isfinite(v).all()]
-                raise RuntimeError(
-                    f"Unadjusted Langevin diverged at sampling step {self._t - self._warmup_steps} "
-                    f"(step size {self.step_size:.3g}): the potential or its gradient became "
-                    f"non-finite{f' (non-finite values at {bad})' if bad else ''}. Use a smaller "
-                    f"step_size, adjust=True (MALA rejects such proposals) or preconditioning."
-                )
-        elif not warmup and not self.adjust and self._past_stability_limit(new_state):
+        elif bool(info.diverged):
+            bad = [k for k, v in new_state.position.items() if not torch.isfinite(v).all()]
+            raise RuntimeError(
+                f"Unadjusted Langevin diverged at sampling step {self._t - self._warmup_steps} "
+                f"(step size {self.step_size:.3g}): the potential or its gradient became "
+                f"non-finite{f' (non-finite values at {bad})' if bad else ''}. Use a smaller "
+                f"step_size, adjust=True (MALA rejects such proposals) or preconditioning."
+            )
+        elif self._past_stability_limit(new_state):
             self._divergences.append(self._t - self._warmup_steps)
             if len(self._divergences) == 1:
                 warnings.warn(

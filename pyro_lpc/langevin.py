@@ -88,6 +88,8 @@ PER_CHAIN = ("rmsprop", "adam")
 #: The MALA acceptance probability that step sizes are tuned towards: optimal for MALA in high
 #: dimension (Roberts & Rosenthal 1998).
 MALA_TARGET_ACCEPT = 0.574
+#: Energy error above which a Metropolis-adjusted step counts as divergent, as in Pyro's HMC and NUTS.
+MAX_ENERGY_ERROR = 1000.0
 #: Defaults for the preconditioner constants (β1, β2, λ); see docs for how they were chosen.
 BETA1, BETA2, EPSILON = 0.9, 0.99, 1e-5
 
@@ -131,13 +133,16 @@ class LangevinInfo(NamedTuple):
     for ULA too, as a diagnostic and for step-size adaptation; for `"adam"`
     the forward density uses the momentum drift actually taken); `accepted` is
     whether the chain moved; `diverged` whether the proposal's potential or
-    gradient was non-finite. `proposal_potential` is `U` at the proposal.
+    gradient was non-finite. `proposal_potential` is `U` at the proposal;
+    `energy_error` is $-\log$ of the unclamped MALA acceptance ratio (`inf` where
+    diverged), the Langevin counterpart of HMC's energy error.
     """
 
     accept_prob: torch.Tensor
     accepted: torch.Tensor
     diverged: torch.Tensor
     proposal_potential: torch.Tensor
+    energy_error: torch.Tensor
 
 
 def check_precondition(kind: Optional[str], adjust: bool = False) -> None:
@@ -421,12 +426,13 @@ def step(
     check_sampling_precondition(state.precond.kind, adjust)
     precond, _, proposal, noise = propose(state, step_size, batch_ndim)
     new_potential, new_grad = potential_and_grad(proposal)
-    accept_prob, diverged = accept_probability(state, proposal, noise, new_potential, new_grad, precond,
-                                               step_size, batch_ndim)
+    log_ratio, diverged = log_accept_ratio(state, proposal, noise, new_potential, new_grad, precond, step_size,
+                                           batch_ndim)
+    accept_prob = log_ratio.clamp(max=0.0).exp()
     accepted = torch.rand_like(accept_prob) < accept_prob if adjust else ~diverged
     moved = LangevinState(proposal, new_potential, new_grad, precond, state.num_steps + 1)
     new_state = where(accepted, moved, state, batch_ndim)
-    return new_state, LangevinInfo(accept_prob, accepted, diverged, new_potential)
+    return new_state, LangevinInfo(accept_prob, accepted, diverged, new_potential, -log_ratio)
 
 
 def where(mask: torch.Tensor, new: LangevinState, old: LangevinState, batch_ndim: int = 0) -> LangevinState:
@@ -447,11 +453,11 @@ def finite(potential: torch.Tensor, grad: Position, batch_ndim: int = 0) -> torc
     return ok
 
 
-def accept_probability(state: LangevinState, proposal: Position, noise: Position, new_potential: torch.Tensor,
-                       new_grad: Position, precond: Preconditioner, step_size: float, batch_ndim: int = 0):
-    """The MALA acceptance probability of `proposal`, drawn from `state` with `noise` and
-    `precond` by [`propose`][pyro_lpc.langevin.propose], and whether it diverged (non-finite `U` or `∇U` there,
-    acceptance 0): `α = min(1, exp(U(z) - U(z') + log q(z | z') - log q(z' | z)))`."""
+def log_accept_ratio(state: LangevinState, proposal: Position, noise: Position, new_potential: torch.Tensor,
+                     new_grad: Position, precond: Preconditioner, step_size: float, batch_ndim: int = 0):
+    """The log MALA acceptance ratio of `proposal`, drawn from `state` with `noise` and `precond` by
+    [`propose`][pyro_lpc.langevin.propose], `U(z) - U(z') + log q(z | z') - log q(z' | z)`, and
+    whether it diverged (non-finite `U` or `∇U` there; the ratio is then `-inf`)."""
     diverged = ~finite(new_potential, new_grad, batch_ndim)
     log_ratio = (
         state.potential
@@ -459,7 +465,23 @@ def accept_probability(state: LangevinState, proposal: Position, noise: Position
         + _log_proposal(state.position, proposal, new_grad, precond, step_size, batch_ndim)
         + sum(_sum_event(xi.square(), batch_ndim) for xi in noise.values()) / 2  # -log q(z'|z)
     )
-    return torch.where(diverged, -math.inf, log_ratio).clamp(max=0.0).exp(), diverged
+    return torch.where(diverged, -math.inf, log_ratio), diverged
+
+
+def accept_probability(state: LangevinState, proposal: Position, noise: Position, new_potential: torch.Tensor,
+                       new_grad: Position, precond: Preconditioner, step_size: float, batch_ndim: int = 0):
+    """The MALA acceptance probability `α = min(1, exp(log_accept_ratio))` of `proposal`, and
+    whether it diverged (see [`log_accept_ratio`][pyro_lpc.langevin.log_accept_ratio]; `α = 0` there)."""
+    log_ratio, diverged = log_accept_ratio(state, proposal, noise, new_potential, new_grad, precond, step_size,
+                                           batch_ndim)
+    return log_ratio.clamp(max=0.0).exp(), diverged
+
+
+def divergent(info: LangevinInfo) -> torch.Tensor:
+    """Per chain, whether a Metropolis-adjusted step diverged as Pyro's HMC counts it: a
+    non-finite proposal, or an energy error above `MAX_ENERGY_ERROR` (the proposal is then
+    rejected with probability at least $1 - e^{-1000}$; a funnel's neck shows up this way)."""
+    return info.diverged | (info.energy_error > MAX_ENERGY_ERROR)
 
 
 def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch_ndim: int) -> torch.Tensor:

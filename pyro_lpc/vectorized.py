@@ -6,7 +6,8 @@ chain. `VectorizedMCMC` is a drop-in for `pyro.infer.MCMC` (same constructor,
 `run`, `get_samples`, `diagnostics`, `summary`, and what `arviz.from_pyro`
 reads) that advances all `C` chains of a [`PCLangevin`][pyro_lpc.PCLangevin]
 kernel together with the functional core (`batch_ndim=1`): each chain keeps its
-own position, Metropolis test and divergence count. It is a driver of its own,
+own position, Metropolis test and divergence count (a proposal non-finite or with
+an energy error above 1,000, as `PCLangevin` counts them). It is a driver of its own,
 not a kernel, because `MCMCKernel.sample` moves one chain.
 
 The model is evaluated **once per step for all chains**: its one-chain energy
@@ -357,7 +358,7 @@ class VectorizedMCMC(MCMC):
             for i in range(self.num_samples):
                 state, info = langevin.step(state, value_and_grad, step_size, adjust=True, batch_ndim=1)
                 accepted.append(info.accepted)
-                diverged.append(info.diverged)
+                diverged.append(langevin.divergent(info))
                 for name in names:
                     draws[name].append(state.position[name])
                 self._after_step(state, "Sample", i, progress)

@@ -262,6 +262,21 @@ def test_mala_rejects_and_counts_divergences():
     assert torch.isfinite(mcmc.get_samples()["z"]).all()
 
 
+def test_mala_counts_a_finite_proposal_with_a_huge_energy_error_as_a_divergence():
+    # N(0, I): from z, a step of η = 1e4 lands near -1e4 z, where U ~ 5e7 |z|²: finite, but an
+    # energy error far above 1000, which Pyro's HMC would call divergent; a step of 0.5 never does
+    def potential(params):
+        return 0.5 * params["z"].square().sum()
+
+    counts = {}
+    for step_size in (1e4, 0.5):
+        kernel = PCLangevin(potential_fn=potential, step_size=step_size, adjust=True, adapt_step_size=False,
+                            precondition=None)
+        mcmc = run(kernel, initial_params={"z": torch.full((10,), 0.5)}, num_samples=50, warmup_steps=0)
+        counts[step_size] = len(mcmc.diagnostics()["divergences"]["chain 0"])
+    assert counts == {1e4: 50, 0.5: 0}
+
+
 # -- errors that name the problem -------------------------------------------------
 @pytest.mark.parametrize("step_size", [0.0, -0.1, math.nan, math.inf])
 def test_bad_step_size(step_size):
