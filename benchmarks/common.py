@@ -183,12 +183,14 @@ class TimedStream:
     the budget, and always at the end; snapshot time is excluded from the clock. Batches and
     binarisation (``binarize=True``: every pixel drawn as Bernoulli(grey level) afresh) come
     from a private generator, so every method sees the same stream; batches are then moved
-    to ``device``.
+    to ``device``. With ``indexed`` a batch is ``(x, index)``, the images' indices in ``images``
+    (for persistent chains).
     """
 
     def __init__(self, images, module, *, seconds, seed=0, binarize=False, iterations=(), fractions=(1.0,),
-                 device="cpu"):
+                 device="cpu", indexed=False):
         self.images, self.module, self.seconds, self.device = images, module, float(seconds), device
+        self.indexed = indexed
         self.seed, self.binarize = seed, binarize
         self.iterations, self.fractions = sorted(iterations), sorted(fractions)
         self.snapshots: List[dict] = []
@@ -221,7 +223,8 @@ class TimedStream:
             index, order = order[:BATCH], order[BATCH:]
             x = self.images[index]
             self.served += 1
-            yield ((torch.bernoulli(x, generator=gen) if self.binarize else x).to(self.device),)
+            x = (torch.bernoulli(x, generator=gen) if self.binarize else x).to(self.device)
+            yield (x, index) if self.indexed else (x,)
 
 
 def train(method: Method, dlgm, stream: TimedStream, lr: float, seed: int) -> dict:
@@ -277,13 +280,13 @@ def strip_states(run: dict) -> dict:
 
 
 def run_mnist_method(method: Method, lr: float, data: dict, *, seconds: float, snapshot_iterations=(),
-                     snapshot_fractions=(1.0,), eval_samples: int, seed: int, device="cpu") -> dict:
+                     snapshot_fractions=(1.0,), eval_samples: int, seed: int, device="cpu", indexed=False) -> dict:
     """Train ``method`` on ``data`` (from :func:`mnist_data`) for ``seconds``; every snapshot gets its
     test log-likelihood (``test_ll``) and the seconds that evaluation took (``eval_seconds``). The
     trained model stays in the record as ``dlgm``."""
     dlgm = mnist_model(seed, device)
     stream = TimedStream(data["train"], dlgm, seconds=seconds, seed=seed, binarize=True,
-                         iterations=snapshot_iterations, fractions=snapshot_fractions, device=device)
+                         iterations=snapshot_iterations, fractions=snapshot_fractions, device=device, indexed=indexed)
     run = train(method, dlgm, stream, lr, seed)
     test = data["test"].to(device)
     for snap in run["snapshots"]:

@@ -20,6 +20,7 @@ below it); and where an LPC iteration spends its time (cProfile, by phase).
     python benchmarks/per_second.py --seconds 360            # the 6-minute comparison
     python benchmarks/per_second.py --seconds 60 --eval-samples 200 --test-images 500   # a quick look
     python benchmarks/per_second.py --device cuda ...        # model, batches and evaluation on a GPU
+    python benchmarks/per_second.py --persistent-chains ...  # the LPC variants with persistent chains
     python benchmarks/per_second.py --seconds 3 --methods VAE "LPC K=0 (guide draws)" --eval-samples 5 \
         --test-images 20 --iterations 10 --out /tmp/per_second.json   # runs, in a minute
 
@@ -66,18 +67,32 @@ VARIANTS = {
 }
 
 
-def fresh(method):
-    """``method`` with its own copy of its options (a step schedule carries state)."""
-    return dataclasses.replace(method, options=copy.deepcopy(method.options))
+#: ``fit``'s options that give the LPC variants persistent chains on batches ``(x, index)``
+PERSISTENT = {"persistent_chains": True, "batch_args": lambda batch: batch[:1], "batch_indices": lambda batch: batch[1]}
+
+
+def fresh(method, persistent=False):
+    """``method`` with its own copy of its options (a step schedule carries state); with
+    ``persistent``, an LPC method with persistent chains (its label says so)."""
+    method = dataclasses.replace(method, options=copy.deepcopy(method.options))
+    if persistent and method.family == "lpc":
+        method = dataclasses.replace(method, label=method.label + ", persistent chains",
+                                     options={**method.options, **PERSISTENT})
+    return method
 
 
 def profile_iterations(method, data, lr, seed, device="cpu", iterations=30) -> dict:
-    """Share of an LPC iteration's time in each phase (:func:`common.phase_shares`)."""
+    """Share of an LPC iteration's time in each phase (:func:`common.phase_shares`); with
+    persistent chains the batches cycle through 10 sets of images, so that they are revisited."""
     method = fresh(method)
     dlgm = mnist_model(seed, device)
     gen = torch.Generator().manual_seed(seed)
-    batches = [(torch.bernoulli(data["train"][i * BATCH:(i + 1) * BATCH], generator=gen).to(device),)
-               for i in range(iterations)]
+    persistent = method.options.get("persistent_chains", False)
+    batches = []
+    for i in range(iterations):
+        index = torch.arange(BATCH) + BATCH * (i % 10 if persistent else i)
+        x = torch.bernoulli(data["train"][index], generator=gen).to(device)
+        batches.append((x, index) if persistent else (x,))
     pyro.clear_param_store()
     profiler = cProfile.Profile()
     profiler.runcall(fit, dlgm.model, dlgm.guide, batches, progress=False, seed=seed,
@@ -104,6 +119,9 @@ def main():
     parser.add_argument("--match-iteration", type=int, default=16000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cuda: model, batches and evaluation on the GPU")
+    parser.add_argument("--persistent-chains", action="store_true",
+                        help="the LPC variants with fit(persistent_chains=True): each training image's chain "
+                             "kept across epochs (labels end in ', persistent chains')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=default_data_root())
     parser.add_argument("--out", default=results_path("per_second"))
@@ -115,15 +133,17 @@ def main():
     where = torch.cuda.get_device_name() if options.device.startswith("cuda") else "CPU"
     print(f"{machine()}; {where}; torch threads {options.threads}; {options.seconds:g} s per method; "
           f"test NLL: IWAE k={options.eval_samples} on {options.test_images} test images", flush=True)
-    runs = []
+    runs, methods = [], {}
     jobs = [(key, lr) for key in options.methods
             for lr in (options.lr_vae if VARIANTS[key].family == "svi" else options.lr_lpc)]
     for key, lr in jobs:
-        method = fresh(VARIANTS[key])
+        method = fresh(VARIANTS[key], options.persistent_chains)
+        methods[method.label] = method
         started = time.time()
         run = run_mnist_method(method, lr, data, seconds=options.seconds, snapshot_iterations=options.iterations,
                                snapshot_fractions=(1 / 6, 0.5, 1.0), eval_samples=options.eval_samples,
-                               seed=options.seed, device=options.device)
+                               seed=options.seed, device=options.device,
+                               indexed=method.options.get("persistent_chains", False))
         run.pop("dlgm")
         history = run.pop("history")
         steps = [row.get("num_steps", 0) for row in history]
@@ -160,7 +180,7 @@ def main():
           f"iterations: {fmt(target)}" if vae else "")
     profiles = {}
     for r in runs:
-        method = VARIANTS[next(k for k, m in VARIANTS.items() if m.label == r["label"])]
+        method = methods[r["label"]]
         if method.family == "lpc":
             profiles[r["label"]] = profile_iterations(method, data, r["lr"], options.seed, options.device)
             shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in profiles[r["label"]].items())
