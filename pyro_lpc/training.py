@@ -31,7 +31,8 @@ class FitResult:
     included); `fit_svi`'s rows hold `elbo` instead.
     `sampler_state` is [`LPC.state_dict`][pyro_lpc.LPC.state_dict] at the end: the shared diagonal
     preconditioner, the global chain's position and values, the step sizes, the iteration, the
-    global chain's noise generator, the schedule and the step-size adaptation.
+    global chain's noise generator, the schedule and the step-size adaptation, and with
+    `persistent_chains` the stored chain states (`chain_store`: `positions` by site, `seen`).
 
     Example:
         ```python
