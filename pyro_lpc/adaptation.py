@@ -16,12 +16,14 @@ step whitens the posterior.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
+from pyro.ops.dual_averaging import DualAveraging
 from pyro.ops.welford import WelfordCovariance
 
-from .langevin import Position, Preconditioner, flatten, unflatten
+from .langevin import LangevinState, Position, Preconditioner, accumulate, flatten, refresh, step, unflatten
 
 #: Fraction of warm-up in the terminal window that tunes η against the final ``P``.
 TERMINAL_FRACTION = 0.25
@@ -154,3 +156,77 @@ def search_step_size(above: Callable[[float], bool], step_size: float) -> float:
             return step_size if direction else trial
         step_size = trial
     return step_size
+
+
+class Warmup:
+    """Stan's windowed warm-up of the step size and `P` for the functional core's state, of one
+    chain or of `C` chains at once (`batch_ndim=1`: `P` from all chains' draws, η from their
+    mean acceptance probability); what `PCLangevin` and `VectorizedMCMC` share.
+
+    Throughout, η is tuned by dual averaging (Hoffman & Gelman 2014) towards `target_accept_prob`
+    of the MALA acceptance probability. In each slow window `P` adapts (`"diagonal"`: the
+    gradient folded into its running average at every step; `"variance"`/`"dense"`: the
+    positions and gradients into the window's `WindowCovariance`, `P` set from it at the
+    window's end), after which η restarts from a search around its current value (see
+    `adaptation_windows`). Call `update` after each of the `num_steps` warm-up steps.
+    """
+
+    def __init__(self, num_steps: int, kind, step_size: float, target_accept_prob: float, *,
+                 adapt_step_size: bool = True, adapt_preconditioner: bool = True, batch_ndim: int = 0):
+        self.num_steps, self.kind, self.step_size = num_steps, kind, step_size
+        self.target_accept_prob, self.batch_ndim = target_accept_prob, batch_ndim
+        self.adapt_step_size = adapt_step_size
+        self.adapt_preconditioner = adapt_preconditioner and kind in ("diagonal", "variance", "dense")
+        self.windows, self.window, self.t = adaptation_windows(num_steps) if num_steps else [], 0, 0
+        self.dual_averaging = DualAveraging()
+        self.covariance = WindowCovariance(dense=kind == "dense") if kind in ("variance", "dense") else None
+
+    def start(self, state: LangevinState, value_and_grad) -> None:
+        """Search a reasonable starting η from the initial state."""
+        if self.num_steps and self.adapt_step_size:
+            self._restart_step_size(state, value_and_grad)
+
+    def update(self, state: LangevinState, accept_prob: torch.Tensor, value_and_grad) -> LangevinState:
+        """After warm-up step `t` (with its acceptance probability, per chain): adapt η and,
+        in a slow window, `P`; returns the state with the new `P`. `step_size` is then the η
+        for the next step (after the last, dual averaging's average)."""
+        t, (_, end) = self.t, self.windows[self.window]
+        slow = self.adapt_preconditioner and 0 < self.window < len(self.windows) - 1
+        if self.adapt_step_size:
+            self.dual_averaging.step(self.target_accept_prob - accept_prob.mean().item())
+            log_step, log_step_avg = self.dual_averaging.get_state()
+            self.step_size = math.exp(log_step_avg if t == self.num_steps - 1 else log_step)
+        if slow and self.kind == "diagonal":
+            precond = refresh(accumulate(state.precond, state.grad, self.batch_ndim))
+            state = state._replace(precond=precond)
+        elif slow:
+            chains = range(state.potential.shape[0]) if self.batch_ndim else [...]
+            for c in chains:  # `...` indexes the one chain whole
+                self.covariance.update({k: v[c] for k, v in state.position.items()},
+                                       {k: g[c] for k, g in state.grad.items()})
+            if t == end:
+                final = self.window == len(self.windows) - 2
+                state = state._replace(precond=self.covariance.preconditioner(state.precond, final))
+        if t == end:
+            self.window += 1
+            if slow and self.adapt_step_size:
+                self._restart_step_size(state, value_and_grad)
+        self.t += 1
+        return state
+
+    def _restart_step_size(self, state: LangevinState, value_and_grad) -> None:
+        """Restart dual averaging around a reasonable η for the current `P`.
+
+        As Pyro's HMC: from the current state, double (or halve) η while the MALA
+        acceptance probability of one proposal (the chains' mean) stays above (below) the
+        target; keep the η on the accepting side of the crossing and centre dual averaging
+        on it (not on `10 η` as Pyro: the search has bracketed η already, and short
+        terminal windows cannot undo a tenfold start).
+        """
+        def above(trial):
+            _, info = step(state, value_and_grad, trial, batch_ndim=self.batch_ndim)
+            return bool(info.accept_prob.mean() > self.target_accept_prob)
+
+        self.step_size = search_step_size(above, self.step_size)
+        self.dual_averaging.prox_center = math.log(self.step_size)
+        self.dual_averaging.reset()

@@ -1,7 +1,6 @@
 r"""`PCLangevin`: preconditioned Langevin dynamics as a `pyro.infer.MCMC` kernel."""
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from typing import Optional
@@ -11,10 +10,9 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
-from pyro.ops.dual_averaging import DualAveraging
 
 from . import langevin
-from .adaptation import WindowCovariance, adaptation_windows, search_step_size
+from .adaptation import Warmup
 from .potential import joint_potential, nonfinite_sites, unconstrain
 from .warm_start import check_guide_sites, guide_values
 
@@ -160,9 +158,7 @@ class PCLangevin(MCMCKernel):
         self._initial_params = None
         self._state = None
         self._value_and_grad = None
-        self._dual_averaging = DualAveraging()
-        self._windows, self._window = [], 0
-        self._window_covariance = None
+        self._warmup = None
 
     @property
     def initial_params(self):
@@ -208,9 +204,10 @@ class PCLangevin(MCMCKernel):
         position = {k: v.detach() for k, v in self._initial_params.items()}
         self._state = langevin.init(position, self._value_and_grad, self.precondition)
         self._check_initial_state()
-        self._windows, self._window = adaptation_windows(warmup_steps), 0
-        if warmup_steps > 0 and self.adapt_step_size:
-            self._restart_step_size()
+        self._warmup = Warmup(warmup_steps, self.precondition, self.step_size, self.target_accept_prob,
+                              adapt_step_size=self.adapt_step_size, adapt_preconditioner=self.adapt_preconditioner)
+        self._warmup.start(self._state, self._value_and_grad)
+        self.step_size = self._warmup.step_size
 
     def _potential(self, position):
         with pyro.validation_enabled(False):
@@ -305,7 +302,8 @@ class PCLangevin(MCMCKernel):
         self._state = new_state
         self._t += 1
         if warmup:
-            self._adapt(accept_prob)
+            self._state = self._warmup.update(self._state, info.accept_prob, self._value_and_grad)
+            self.step_size = self._warmup.step_size
             n = self._t
         else:
             n = self._t - self._warmup_steps
@@ -327,57 +325,6 @@ class PCLangevin(MCMCKernel):
         curvature = sum((dz * (new_state.grad[name] - old.grad[name])).sum() for name, dz in move.items())
         metric = langevin.squared_norm(new_state.precond, move)
         return bool(self.step_size * curvature > 2.0 * metric)
-
-    def _adapt(self, accept_prob):
-        """Warm-up step `t`: tune η by dual averaging; in a slow window also adapt `P`
-        (`"diagonal"`: fold in the gradient, refreshed every step, its running average
-        forgetting the transient; `"variance"`/`"dense"`: fold the position into the
-        window's Welford estimate and set `P` to it at the window's end); after a slow
-        window restart η (see `adaptation_windows`)."""
-        t, (_, end) = self._t - 1, self._windows[self._window]
-        last = self._window == len(self._windows) - 1
-        slow = (
-            self.adapt_preconditioner
-            and self.precondition in ("diagonal", "variance", "dense")
-            and 0 < self._window
-            and not last
-        )
-        if self.adapt_step_size:
-            self._dual_averaging.step(self.target_accept_prob - accept_prob)
-            log_step, log_step_avg = self._dual_averaging.get_state()
-            self.step_size = math.exp(log_step_avg if t == self._warmup_steps - 1 else log_step)
-        if slow and self.precondition == "diagonal":
-            precond = langevin.refresh(langevin.accumulate(self._state.precond, self._state.grad))
-            self._state = self._state._replace(precond=precond)
-        elif slow:
-            if self._window_covariance is None:
-                self._window_covariance = WindowCovariance(dense=self.precondition == "dense")
-            self._window_covariance.update(self._state.position, self._state.grad)
-            if t == end:
-                final = self._window == len(self._windows) - 2
-                precond = self._window_covariance.preconditioner(self._state.precond, final)
-                self._state = self._state._replace(precond=precond)
-        if t == end:
-            self._window += 1
-            if slow and self.adapt_step_size:
-                self._restart_step_size()
-
-    def _restart_step_size(self):
-        """Restart dual averaging around a reasonable η for the current `P`.
-
-        As Pyro's HMC: from the current state, double (or halve) η while the MALA
-        acceptance probability of one proposal stays above (below) the target; keep
-        the η on the accepting side of the crossing and centre dual averaging on it
-        (not on `10 η` as Pyro: the search has bracketed η already, and short
-        terminal windows cannot undo a tenfold start).
-        """
-        def above(step_size):
-            _, info = langevin.step(self._state, self._value_and_grad, step_size)
-            return bool(info.accept_prob > self.target_accept_prob)
-
-        step_size = self.step_size = search_step_size(above, self.step_size)
-        self._dual_averaging.prox_center = math.log(step_size)
-        self._dual_averaging.reset()
 
     def cleanup(self):
         """End of a chain: forget its state, but keep what warm-up adapted

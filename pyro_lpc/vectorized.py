@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import pyro
 import pyro.poutine as poutine
@@ -69,12 +68,11 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.mcmc.api import MCMC, AbstractMCMC
 from pyro.infer.mcmc.logger import ProgressBar
 from pyro.infer.mcmc.util import _find_valid_initial_params
-from pyro.ops.dual_averaging import DualAveraging
 from pyro.poutine.util import site_is_subsample
 from pyro.util import optional
 
 from . import langevin
-from .adaptation import WindowCovariance, adaptation_windows, search_step_size
+from .adaptation import Warmup
 from .kernel import PCLangevin
 from .potential import joint_potential, latent_sites, sum_except
 
@@ -294,52 +292,18 @@ class VectorizedMCMC(MCMC):
                              f"chain(s) {bad}; check initial_params and the priors.")
 
     # -- warm-up and sampling ---------------------------------------------------------------
-    def _restart_step_size(self, state, value_and_grad, step_size, dual_averaging):
-        """As `PCLangevin._restart_step_size`, on the chains' mean acceptance probability."""
-        target = self.kernel.target_accept_prob
-
-        def above(trial):
-            _, info = langevin.step(state, value_and_grad, trial, adjust=True, batch_ndim=1)
-            return bool(info.accept_prob.mean() > target)
-
-        step_size = search_step_size(above, step_size)
-        dual_averaging.prox_center = math.log(step_size)
-        dual_averaging.reset()
-        return step_size
-
     def _warmup(self, state, value_and_grad, progress):
-        """Warm-up in Stan's windows (as `PCLangevin._adapt`), statistics from all chains."""
-        kernel, steps = self.kernel, self.warmup_steps
-        kind, step_size = kernel.precondition, kernel._init_step_size
-        dual_averaging = DualAveraging()
-        windows, window = adaptation_windows(steps) if steps else [], 0
-        adapt_p = kernel.adapt_preconditioner and kind in ("diagonal", "variance", "dense")
-        covariance = WindowCovariance(dense=kind == "dense") if kind in ("variance", "dense") else None
-        if steps and kernel.adapt_step_size:
-            step_size = self._restart_step_size(state, value_and_grad, step_size, dual_averaging)
-        for t in range(steps):
-            state, info = langevin.step(state, value_and_grad, step_size, adjust=True, batch_ndim=1)
-            end = windows[window][1]
-            slow = adapt_p and 0 < window < len(windows) - 1
-            if kernel.adapt_step_size:
-                dual_averaging.step(kernel.target_accept_prob - info.accept_prob.mean().item())
-                log_step, log_step_avg = dual_averaging.get_state()
-                step_size = math.exp(log_step_avg if t == steps - 1 else log_step)
-            if slow and kind == "diagonal":
-                state = state._replace(precond=langevin.refresh(langevin.accumulate(state.precond, state.grad, 1)))
-            elif slow:
-                for c in range(self.num_chains):
-                    covariance.update({k: v[c] for k, v in state.position.items()},
-                                      {k: g[c] for k, g in state.grad.items()})
-                if t == end:
-                    final = window == len(windows) - 2
-                    state = state._replace(precond=covariance.preconditioner(state.precond, final))
-            if t == end:
-                window += 1
-                if slow and kernel.adapt_step_size:
-                    step_size = self._restart_step_size(state, value_and_grad, step_size, dual_averaging)
+        """Warm-up in Stan's windows (`pyro_lpc.adaptation.Warmup`), statistics from all chains."""
+        kernel = self.kernel
+        warmup = Warmup(self.warmup_steps, kernel.precondition, kernel._init_step_size, kernel.target_accept_prob,
+                        adapt_step_size=kernel.adapt_step_size, adapt_preconditioner=kernel.adapt_preconditioner,
+                        batch_ndim=1)
+        warmup.start(state, value_and_grad)
+        for t in range(self.warmup_steps):
+            state, info = langevin.step(state, value_and_grad, warmup.step_size, adjust=True, batch_ndim=1)
+            state = warmup.update(state, info.accept_prob, value_and_grad)
             self._after_step(state, "Warmup", t, progress)
-        return state, step_size
+        return state, warmup.step_size
 
     def _after_step(self, state, stage, i, progress):
         progress.update()
