@@ -229,7 +229,9 @@ class LPC:
         `log p(x, z)` divided by the data plate's full size N: the full-data log-joint per
         data point), `guide_loss`, `step_size`, `num_steps` (this iteration's K),
         `energy_drop`/`late_energy_drop` ([`ChainsInfo`][pyro_lpc.chains.ChainsInfo]),
-        `divergences` and, with MALA or `target_accept_prob`, `accept_rate`. Under
+        `divergences`, with MALA or `target_accept_prob` `accept_rate` and with
+        `persistent_chains` `stored_starts` (the fraction of chains that started from their
+        stored state). Under
         `torchrun` the figures are those of the global batch. Nothing is updated unless
         every gradient is finite ([`NonFiniteError`][pyro_lpc.NonFiniteError] otherwise).
 
@@ -244,13 +246,13 @@ class LPC:
         guide_trace, energy, start = self._chain_start(args, kwargs)
         num_steps = max(steps, 1 if energy.globals else 0)  # a global chain keeps moving
         local = energy.unconstrain({n: start[n] for n in energy.local})
-        stored_starts, at_draw = False, None  # any chain from a stored state? (U_i, ∇U) at the guide's draws
+        from_store, at_draw = None, None  # persistent chains: which start from a stored state; (U_i, ∇U) at the draws
         if self.chain_store is not None:
             indices, local, from_store, at_draw = self._persistent_start(energy, guide_trace, local, indices,
                                                                          args, kwargs)
-            stored_starts = bool(from_store.any())
-            if stored_starts:
-                start = {**start, **energy.constrain(local)[0]}
+        stored_starts = from_store is not None and bool(from_store.any())
+        if stored_starts:
+            start = {**start, **energy.constrain(local)[0]}
         state, fused = self.sampler_state, None
         if num_steps:
             with torch.no_grad():
@@ -270,16 +272,17 @@ class LPC:
                                                                   state.global_values)
         accept = info.accept.mean() if len(info.accept) else None
         divergences = info.diverged.sum().to(log_joint.dtype)
+        stored = None if from_store is None else from_store.to(log_joint.dtype).mean()
         # one all-reduce: every rank steps with the gradients, reports the global batch's figures
         # and adapts K and η alike
         n, m = len(grads), len(g_grads)
         reduced = self.group.average(
             list(grads) + list(g_grads) + [log_joint, guide_loss, accept, info.energy_drop, info.late_drop,
-                                           divergences],
-            like=list(params.values()) + list(g_params.values()) + [log_joint] * 6,
+                                           divergences, stored],
+            like=list(params.values()) + list(g_params.values()) + [log_joint] * 7,
         )
         grads, g_grads = reduced[:n], reduced[n:n + m]
-        log_joint, guide_loss, accept, drop, late, divergences = reduced[n + m:]
+        log_joint, guide_loss, accept, drop, late, divergences, stored = reduced[n + m:]
         checks = [log_joint] + list(grads) + list(g_grads) + ([guide_loss] if guide_loss is not None else [])
         if not _all_finite(checks):
             if trace is None:  # θ's gradient came from a recording: trace the last sample for the report
@@ -303,6 +306,8 @@ class LPC:
             "late_energy_drop": None if late is None else late.item(),
             "divergences": round(divergences.item() * self.group.world_size),
         }
+        if stored is not None:
+            figures["stored_starts"] = stored.item()
         if accept is not None and (self.adjust or self.adaptation):
             figures["accept_rate"] = accept.item()
         self._adapt(None if accept is None else accept.item(), figures["late_energy_drop"], figures["divergences"])

@@ -27,8 +27,9 @@ class FitResult:
     `target_accept_prob` only), `step_size`, `num_steps` (this iteration's K), `energy_drop`
     and `late_energy_drop` (mean `U(z_0) - U(z_K)` and `U(z_{K/2}) - U(z_K)` of the local
     chains, `None` without chains; [`pyro_lpc.schedule`][pyro_lpc.schedule]), `divergences`
-    (Langevin steps rejected as non-finite) and `time` (seconds since the start, resumed runs
-    included); `fit_svi`'s rows hold `elbo` instead.
+    (Langevin steps rejected as non-finite), with `persistent_chains` `stored_starts` (the
+    fraction of chains that started from their stored state) and `time` (seconds since the
+    start, resumed runs included); `fit_svi`'s rows hold `elbo` instead.
     `sampler_state` is [`LPC.state_dict`][pyro_lpc.LPC.state_dict] at the end: the shared diagonal
     preconditioner, the global chain's position and values, the step sizes, the iteration, the
     global chain's noise generator, the schedule and the step-size adaptation, and with

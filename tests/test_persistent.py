@@ -46,6 +46,8 @@ def test_state_follows_its_data_point_through_shuffling():
     # after 6 shuffled epochs row i holds a state of point i's posterior (sd 0.1): 12 steps from the
     # prior, 5 sd at most away (another point's state would be at least 1.7 away)
     assert (stored(six.sampler_state["chain_store"]) - SPREAD).abs().max() < 0.5
+    # encoder-free, a seen point's chain continues: 4 batches of fresh chains, then all from stored states
+    assert six["stored_starts"] == [0.0] * 4 + [1.0] * 20
 
 
 def test_dataloader_indices_and_a_subsampled_plate_give_the_indices():
