@@ -2,8 +2,8 @@ r"""Warm-up adaptation for `PCLangevin`: Stan's windows and the posterior (co)va
 
 [`adaptation_windows`][pyro_lpc.adaptation.adaptation_windows] splits warm-up into
 Stan's fast and slow windows. [`WindowCovariance`][pyro_lpc.adaptation.WindowCovariance]
-collects the chain's positions during one slow window (Welford's scheme, Pyro's
-`pyro.ops.welford.WelfordCovariance`) and, at the window's end, sets the
+collects the chains' positions during one slow window (Welford's scheme, as Pyro's
+`pyro.ops.welford.WelfordCovariance`, batched over chains) and, at the window's end, sets the
 preconditioner to the regularised estimate (as Stan's and Pyro's HMC)
 
 $$
@@ -21,7 +21,6 @@ from typing import Callable
 
 import torch
 from pyro.ops.dual_averaging import DualAveraging
-from pyro.ops.welford import WelfordCovariance
 
 from .langevin import LangevinState, Position, Preconditioner, accumulate, flatten, refresh, step, unflatten
 
@@ -72,6 +71,42 @@ def adaptation_windows(warmup_steps: int):
     return windows + [(end, warmup_steps - 1)]
 
 
+class Moments:
+    """Running mean and (co)variance of rows of samples, merged a batch at a time (Chan et al.'s
+    pairwise form of Welford's scheme), so `C` chains' draws enter in one tensor operation;
+    `covariance(regularize=True)` is Stan's and Pyro's `WelfordCovariance` regularisation
+    $\frac{n}{n + 5} \hat\Sigma + 10^{-3} \frac{5}{n + 5} I$."""
+
+    def __init__(self, dense: bool):
+        self.dense = dense
+        self.reset()
+
+    def reset(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, samples: torch.Tensor) -> None:
+        """Fold in `samples` of shape `(B, D)`."""
+        count = samples.shape[0]
+        mean = samples.mean(0)
+        centred = samples - mean
+        m2 = centred.mT @ centred if self.dense else centred.square().sum(0)
+        delta, total = mean - self.mean, self.n + count
+        spread = torch.outer(delta, delta) if self.dense else delta.square()
+        self.m2 = self.m2 + m2 + spread * (self.n * count / total)
+        self.mean = self.mean + delta * (count / total)
+        self.n = total
+
+    def covariance(self, regularize: bool = True) -> torch.Tensor:
+        cov = self.m2 / (self.n - 1)
+        if not regularize:
+            return cov
+        cov = cov * (self.n / (self.n + 5.0))
+        shrinkage = 1e-3 * (5.0 / (self.n + 5.0))
+        if self.dense:
+            return cov + shrinkage * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        return cov + shrinkage
+
+
 class WindowCovariance:
     r"""Welford estimate of the posterior (co)variance over one slow window.
 
@@ -104,20 +139,25 @@ class WindowCovariance:
 
     def __init__(self, dense: bool):
         self.dense = dense
-        self._position = WelfordCovariance(diagonal=True)
-        self._grad = WelfordCovariance(diagonal=True)
-        self._covariance = WelfordCovariance(diagonal=False) if dense else None
+        self._position = Moments(dense=False)
+        self._grad = Moments(dense=False)
+        self._covariance = Moments(dense=True) if dense else None
 
     @property
     def num_samples(self) -> int:
-        return self._position.n_samples
+        return self._position.n
 
-    def update(self, position: Position, grad: Position) -> None:
-        z = flatten(position, position)
+    def update(self, position: Position, grad: Position, batch_ndim: int = 0) -> None:
+        """Fold in a position and its gradient, or `C` chains' at once (`batch_ndim=1`)."""
+        z = flatten(position, position, batch_ndim).reshape(-1, self._width(position, batch_ndim))
         self._position.update(z)
-        self._grad.update(flatten(grad, grad))
+        self._grad.update(flatten(grad, grad, batch_ndim).reshape(z.shape))
         if self._covariance is not None:
             self._covariance.update(z)
+
+    @staticmethod
+    def _width(position: Position, batch_ndim: int) -> int:
+        return sum(v[(0,) * batch_ndim].numel() for v in position.values())
 
     def preconditioner(self, precond: Preconditioner, final: bool = True) -> Preconditioner:
         """`precond` with `P` set from this window (needs two or more samples); for
@@ -127,13 +167,13 @@ class WindowCovariance:
                 f"A window needs at least 2 samples to estimate the posterior variance, "
                 f"got {self.num_samples}."
             )
-        var = self._position.get_covariance(regularize=True)
-        grad_var = self._grad.get_covariance(regularize=False)
+        var = self._position.covariance(regularize=True)
+        grad_var = self._grad.covariance(regularize=False)
         var = torch.where(grad_var > 0, (var / grad_var).sqrt(), var)
-        cov = self._covariance.get_covariance(regularize=True) if self.dense and final else None
-        for welford in (self._position, self._grad, self._covariance):
-            if welford is not None:
-                welford.reset()
+        cov = self._covariance.covariance(regularize=True) if self.dense and final else None
+        for moments in (self._position, self._grad, self._covariance):
+            if moments is not None:
+                moments.reset()
         if not self.dense:
             return precond._replace(scale=unflatten(var, precond.scale))
         if cov is None:
@@ -200,10 +240,7 @@ class Warmup:
             precond = refresh(accumulate(state.precond, state.grad, self.batch_ndim))
             state = state._replace(precond=precond)
         elif slow:
-            chains = range(state.potential.shape[0]) if self.batch_ndim else [...]
-            for c in chains:  # `...` indexes the one chain whole
-                self.covariance.update({k: v[c] for k, v in state.position.items()},
-                                       {k: g[c] for k, g in state.grad.items()})
+            self.covariance.update(state.position, state.grad, self.batch_ndim)
             if t == end:
                 final = self.window == len(self.windows) - 2
                 state = state._replace(precond=self.covariance.preconditioner(state.precond, final))

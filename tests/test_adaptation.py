@@ -1,9 +1,10 @@
 """Warm-up adaptation (pyro_lpc.adaptation): the window estimates are the sample moments."""
 import pytest
 import torch
+from pyro.ops.welford import WelfordCovariance
 
 from pyro_lpc import langevin
-from pyro_lpc.adaptation import WindowCovariance
+from pyro_lpc.adaptation import Moments, WindowCovariance
 
 
 def regularised(cov, n):
@@ -67,3 +68,17 @@ def test_window_with_too_few_samples():
     window.update({"z": torch.zeros(2)}, {"z": torch.zeros(2)})
     with pytest.raises(ValueError, match="at least 2 samples.*got 1"):
         window.preconditioner(langevin.init_preconditioner("variance", {"z": torch.zeros(2)}))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_moments_merged_in_batches_equal_pyros_welford_one_at_a_time(dense):
+    """`Moments` takes C chains' draws in one update; the result is Pyro's WelfordCovariance fed
+    the same rows one by one (float64, so the comparison is exact to rounding)."""
+    rows = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    moments, welford = Moments(dense=dense), WelfordCovariance(diagonal=not dense)
+    for batch in rows.split([5, 1, 7, 7]):
+        moments.update(batch)
+    for row in rows:
+        welford.update(row)
+    for regularize in (False, True):
+        assert torch.allclose(moments.covariance(regularize), welford.get_covariance(regularize))
