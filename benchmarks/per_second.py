@@ -119,6 +119,8 @@ def main():
     parser.add_argument("--match-iteration", type=int, default=16000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cuda: model, batches and evaluation on the GPU")
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="train on the first N training images only (more visits per image)")
     parser.add_argument("--persistent-chains", action="store_true",
                         help="the LPC variants with fit(persistent_chains=True): each training image's chain "
                              "kept across epochs (labels end in ', persistent chains')")
@@ -130,6 +132,7 @@ def main():
     torch.set_num_threads(options.threads)
     data = mnist_data(writable_mnist_root(options.data_root), options.seed, val_images=500,
                       test_images=options.test_images, quality_images=1)
+    data["train"] = data["train"][:options.train_images]
     where = torch.cuda.get_device_name() if options.device.startswith("cuda") else "CPU"
     print(f"{machine()}; {where}; torch threads {options.threads}; {options.seconds:g} s per method; "
           f"test NLL: IWAE k={options.eval_samples} on {options.test_images} test images", flush=True)
@@ -148,6 +151,11 @@ def main():
         history = run.pop("history")
         steps = [row.get("num_steps", 0) for row in history]
         run["mean_num_steps"] = sum(steps) / max(len(steps), 1) if method.family == "lpc" else None
+        stored = [row["stored_starts"] for row in history if "stored_starts" in row][-max(len(history) // 10, 1):]
+        if stored:  # persistent chains: the fraction started from stored states, last tenth of the run
+            run["stored_starts_last_tenth"] = sum(stored) / len(stored)
+            print(f"{method.label}: {run['stored_starts_last_tenth']:.3f} of the chains started from their "
+                  "stored state (last tenth of the run)", flush=True)
         run["wall_seconds"] = time.time() - started
         runs.append(strip_states(run))
     vaes = [r for r in runs if r["label"] == "VAE"]
