@@ -122,10 +122,13 @@ class ChainStore:
         self.seen = seen
 
     def state_dict(self) -> dict:
-        return {"positions": dict(self.positions), "seen": self.seen}
+        """A copy of the store: `positions` by site (rows by dataset index) and `seen`."""
+        return {"positions": {k: v.clone() for k, v in self.positions.items()},
+                "seen": None if self.seen is None else self.seen.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.positions, self.seen = dict(state["positions"]), state["seen"]
+        self.positions = {k: v.clone() for k, v in state["positions"].items()}
+        self.seen = None if state["seen"] is None else state["seen"].clone()
 
 
 def batch_indices(given, energy: SplitEnergy, num_chains: int) -> torch.Tensor:
@@ -145,7 +148,7 @@ def batch_indices(given, energy: SplitEnergy, num_chains: int) -> torch.Tensor:
                 "(pyro.plate('data', N, subsample=idx) or subsample_size=B).")
         given = energy.replay.nodes[plate.name]["value"]
     indices = torch.as_tensor(given)
-    if indices.dtype in (torch.bool,) or indices.is_floating_point() or indices.is_complex() \
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex() \
             or indices.shape != (num_chains,):
         raise ValueError(f"{INDICES} must be a 1-d integer tensor with one index per data point of the batch "
                          f"({num_chains}), got {indices.dtype} of shape {tuple(indices.shape)}.")

@@ -72,6 +72,7 @@ def test_dataloader_indices_and_a_subsampled_plate_give_the_indices():
     for _ in range(40):  # 40 draws of 6 of 24: every point visited at least twice
         lpc.step(SPREAD)
     assert (stored(lpc.chain_store.state_dict()) - SPREAD).abs().max() < 1.0
+    assert lpc.chain_store.nbytes == N * 4  # one float32 per point
 
 
 def linear_gaussian(x):
