@@ -159,6 +159,7 @@ class PCLangevin(MCMCKernel):
         self._state = None
         self._value_and_grad = None
         self._warmup = None
+        self._from_params = False
 
     @property
     def initial_params(self):
@@ -257,7 +258,17 @@ class PCLangevin(MCMCKernel):
             f"site(s) {sites or sorted(state.position)}. Check the initial values and priors."
         )
 
+    def clear_cache(self):
+        """Forget the chain's cached position, energy and gradient, as Pyro's `HMC.clear_cache`:
+        the next `sample(params)` moves from `params` (adapted `η` and `P` are kept)."""
+        self._from_params = True
+
     def sample(self, params):
+        if self._from_params and self._state is not None:
+            position = {k: v.detach() for k, v in params.items()}
+            potential, grad = self._value_and_grad(position)
+            self._state = self._state._replace(position=position, potential=potential, grad=grad)
+            self._from_params = False
         if self._state is None:  # no continuous latent (see `setup`): as Pyro's HMC
             self._t += 1
             self._mean_accept_prob = 1.0
