@@ -56,6 +56,11 @@ VARIANTS = {
     "LPC K=5, keep last, η adapted, compiled": Method(
         "LPC K=5, keep last, η adapted, compiled", "lpc",
         {"num_steps": 5, "keep": "last", "target_accept_prob": 0.57, "jit_compile": True, "jit_options": {}}),
+    # Metropolis-adjusted chains (exact for fixed θ: what persistent chains carry across epochs)
+    "LPC K=5, MALA, η adapted, compiled": Method(
+        "LPC K=5, MALA, η adapted, compiled", "lpc",
+        {"num_steps": 5, "keep": "last", "target_accept_prob": 0.57, "adjust": True, "jit_compile": True,
+         "jit_options": {}}),
     "LPC auto, tolerance 3, compiled": Method(
         "LPC auto, tolerance 3, compiled", "lpc",
         {"num_steps": AdaptiveSteps(tolerance=3.0), "keep": "last", "jit_compile": True, "jit_options": {}}),
