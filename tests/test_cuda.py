@@ -9,7 +9,7 @@ import pytest
 import torch
 from pyro.infer import MCMC
 
-from pyro_lpc import PCLangevin, WarmStart, fit, langevin
+from pyro_lpc import PCLangevin, VectorizedMCMC, WarmStart, fit, langevin
 from pyro_lpc.compiled import CompiledEnergies
 from pyro_lpc.images.models import mlp_model
 from pyro_lpc.potential import SplitEnergy
@@ -42,6 +42,32 @@ def test_pclangevin_on_cuda_data():
     mcmc.run(y)
     mu = mcmc.get_samples()["mu"]
     assert mu.device.type == "cuda" and abs(mu.mean().item() - y.mean().item()) < 0.3
+
+
+def logistic(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1], device=x.device), 1.0).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Bernoulli(logits=x @ w), obs=y)
+
+
+@pytest.mark.parametrize("precondition", ["variance", "dense"])
+def test_vectorized_chains_on_cuda_data(precondition):
+    """64 chains of a logistic regression written for one chain (`x @ w`), mapped by vmap on the
+    GPU: samples and diagnostics on the device, posterior means equal to the same run on the CPU
+    within 0.05 (posterior sds about 0.1; each mean's MCSE from 64 x 300 draws well below 0.01)."""
+    x = torch.randn(2000, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.bernoulli(torch.sigmoid(x @ torch.arange(1.0, 6.0)), generator=torch.Generator().manual_seed(1))
+    means = {}
+    for device in ("cpu", CUDA):
+        pyro.set_rng_seed(0)
+        mcmc = VectorizedMCMC(PCLangevin(logistic, precondition=precondition), num_samples=300, warmup_steps=300,
+                              num_chains=64, disable_progbar=True)
+        mcmc.run(x.to(device), y.to(device))
+        w = mcmc.get_samples(group_by_chain=True)["w"]
+        assert w.shape == (64, 300, 5) and w.device.type == torch.device(device).type
+        assert mcmc.diagnostics()["acceptance rate"]["chain 0"] > 0.2
+        means[str(device)] = w.mean((0, 1)).cpu()
+    assert (means["cpu"] - means["cuda"]).abs().max() < 0.05
 
 
 def test_fit_keeps_model_guide_and_chains_on_the_device(tmp_path):
