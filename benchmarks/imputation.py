@@ -2,13 +2,13 @@ r"""Filling in missing pixels: our chains against the encoder and the MCMC basel
 
 Run from the repository root (one torch thread)::
 
-    python benchmarks/imputation.py                 # MNIST, about 15 minutes
+    python benchmarks/imputation.py                 # MNIST, about 20 minutes on a loaded 2-core machine
     python benchmarks/imputation.py --quick         # the embedded 8×8 digits, about a minute
 
 1. **Model.** The IWAE paper's 784-200-200-50 tanh MLP decoder and encoder (Bernoulli), trained
    with `pyro_lpc.fit`'s defaults (LPC, Jeffreys warm start, Adam 1e-3) on dynamically binarised
-   MNIST training images for `--seconds` of wall-clock time (`common.train`, batch 100); its test
-   log-likelihood (IWAE bound, k = 1000) on the study's images.
+   MNIST training images for `--epochs` epochs of batch 100, as `pyro-lpc train` does (seeded, so
+   the same model every time); its test log-likelihood (IWAE bound, k = 1000) on the study's images.
 2. **Classifier.** A 784-200-10 ReLU MLP trained with Adam 1e-3 on dynamically binarised training
    images (`--classifier-epochs`); its accuracy on the complete test images is the ceiling.
 3. **Imputation.** The first `--num-images` statically binarised test images, 50 % of the pixels
@@ -18,14 +18,16 @@ Run from the repository root (one torch thread)::
    (`pyro_lpc.images.imputation`), each after `--warmup-steps` discarded steps; (d) `infer_posterior`'s
    chains, ULA (`adjust=False`) and MALA (`adjust=True`), warm-started by the masked guide, with
    `--warmup-steps` adapting steps. So every iterative method takes `warmup + S` steps, one
-   decoder pass per image each (the chains also back-propagate through it).
+   decoder pass per image each (the chains also back-propagate through it). The chains run again
+   with `--long-warmup` warm-up steps, to see what a longer warm-up buys.
 4. **Metrics** per method and pattern, over `--seeds` (each seed: a new random mask and new
    draws; the same trained model): the log-likelihood of the true missing pixels,
    $\log \frac1S \sum_s p(x_{\mathrm{mis}} \mid z_s)$ (`DeepLatentGaussian.impute`), averaged over
    images, with its Monte Carlo standard error over images (sd / √N), and its gain over the encoder
    image by image (paired: a much smaller error); the classifier's accuracy on
    the completed images (missing pixels = posterior predictive mean); wall time; decoder passes
-   per image (counted by a forward hook on the decoder); acceptance rate.
+   per image (counted by a forward hook on the decoder); acceptance rate; the share of images whose
+   z moved in fewer than 10 % of the kept steps ("stuck").
 
 Writes `benchmarks/results/imputation.json` and `docs/img/imputation_<pattern>.png` (observed /
 each method's imputation / true, for the first 8 images of seed 0); `--quick` writes both under
@@ -42,16 +44,18 @@ import pyro
 import torch
 import torch.nn as nn
 
-from common import (IMAGES, Method, TimedStream, default_data_root, log, loadavg, log_likelihood, pyplot,
-                    results_path, stack, train, writable_mnist_root, write_results)
-from pyro_lpc import infer_posterior
+from common import (IMAGES, default_data_root, log, loadavg, log_likelihood, pyplot, results_path, stack, timed,
+                    writable_mnist_root, write_results)
+from pyro_lpc import fit, infer_posterior
 from pyro_lpc.images.cli import missing_pixels
 from pyro_lpc.images.data import load_dataset
 from pyro_lpc.images.imputation import encoder_draws, metropolis_within_gibbs, pseudo_gibbs
 from pyro_lpc.images.models import mlp_model
+from pyro_lpc.images.runs import data_loader
 
 PATTERNS = ("random", "bottom-half")
 METHODS = ("encoder", "pseudo-Gibbs", "Metropolis-within-Gibbs", "chains, ULA", "chains, MALA")
+STUCK = 0.1  # an image's chain is "stuck" when z moved in fewer than this share of its kept steps
 REFERENCE = "encoder"  # each method's log p(x_mis) is also given as its gain over this one, image by image
 SHOWN = 8  # images in each picture
 
@@ -63,7 +67,7 @@ def load(quick: bool, data_root: str, num_images: int) -> dict:
     train_grey, train_labels = stack(load_dataset(name, root, "train", labels=True))
     test = load_dataset(name, root, "test", binarize="static", seed=0, labels=True)
     test_x, test_labels = stack(test, range(min(num_images, len(test))))
-    return {"dataset": name, "train": train_grey, "train_labels": train_labels, "test": test_x,
+    return {"dataset": name, "root": root, "train": train_grey, "train_labels": train_labels, "test": test_x,
             "test_labels": test_labels}
 
 
@@ -107,22 +111,23 @@ def draws(method: str, dlgm, hidden, mask, num_samples: int, warmup_steps: int):
     if method == "Metropolis-within-Gibbs":
         return metropolis_within_gibbs(dlgm, hidden, mask, num_samples, warmup_steps)
     samples = infer_posterior(dlgm.model, dlgm.guide, hidden, mask=mask, num_samples=num_samples,
-                              warmup_steps=warmup_steps, adjust=method == "chains, MALA")
+                              warmup_steps=warmup_steps, adjust=method.startswith("chains, MALA"))
     return samples["z"], samples.accept_rate
 
 
-def run_method(method, dlgm, x, mask, labels, classifier, args, seed) -> dict:
+def run_method(method, warmup_steps, dlgm, x, mask, labels, classifier, args, seed) -> dict:
     hidden = torch.where(mask, x, torch.full_like(x, float("nan")))  # the missing pixels are never read
     pyro.set_rng_seed(seed)
     passes = DecoderPasses(dlgm.decoder)
     begin = time.perf_counter()
     try:
-        z, accept = draws(method, dlgm, hidden, mask, args.num_samples, args.warmup_steps)
+        z, accept = draws(method, dlgm, hidden, mask, args.num_samples, warmup_steps)
     finally:
         passes.handle.remove()
     seconds = time.perf_counter() - begin
     imputed, log_p = dlgm.impute(x, mask, z.detach())
-    return {"method": method, "log_p": log_p, "log_lik_missing": log_p.mean().item(),
+    moves = (z[1:] != z[:-1]).any(-1).float().mean(0)  # per image: the share of kept steps that moved z
+    return {"method": method, "log_p": log_p, "stuck_images": (moves < STUCK).float().mean().item(), "log_lik_missing": log_p.mean().item(),
             "log_lik_missing_mcse": (log_p.std() / len(log_p) ** 0.5).item(),
             "accuracy": accuracy(classifier, imputed, labels), "seconds": seconds,
             "decoder_passes_per_image": passes.rows / len(x), "accept_rate": accept, "imputed": imputed}
@@ -148,17 +153,17 @@ def save_picture(x, mask, imputed: dict, path: str) -> None:
     plt.close(fig)
 
 
-def summarise(runs: list) -> list:
+def summarise(runs: list, methods) -> list:
     """Per pattern and method: the means over seeds of each figure (the Monte Carlo standard errors
     over images too: every seed imputes the same images, so they do not shrink), and the per-seed values."""
     rows = []
     for pattern in PATTERNS:
-        for method in METHODS:
+        for method in methods:
             mine = [r for r in runs if r["pattern"] == pattern and r["method"] == method]
             rows.append({"pattern": pattern, "method": method,
                          **{key: sum(r[key] for r in mine) / len(mine)
                             for key in ("log_lik_missing", "vs_reference", "accuracy", "seconds",
-                                        "decoder_passes_per_image", "accept_rate")},
+                                        "decoder_passes_per_image", "accept_rate", "stuck_images")},
                          **{key: sum(r[key] for r in mine) / len(mine)  # the same images in every seed
                             for key in ("log_lik_missing_mcse", "vs_reference_mcse")},
                          "log_lik_missing_per_seed": [r["log_lik_missing"] for r in mine],
@@ -171,18 +176,21 @@ def main():
     parser.add_argument("--quick", action="store_true", help="the embedded digits, short budgets (about a minute)")
     parser.add_argument("--data-root", default=default_data_root(),
                         help="folder holding MNIST/raw (default: $PYRO_LPC_DATA or ../shared/data beside the checkout)")
-    parser.add_argument("--seconds", type=float, default=None, help="training budget (default 480; quick 20)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs of 100-image batches (default 4: "
+                        "2,400 iterations; quick 20: 300)")
     parser.add_argument("--classifier-epochs", type=int, default=None, help="default 3; quick 30")
-    parser.add_argument("--num-images", type=int, default=1000, help="test images imputed (quick: all 297)")
+    parser.add_argument("--num-images", type=int, default=500, help="test images imputed (quick: all 297)")
     parser.add_argument("--num-samples", type=int, default=100, help="draws of z per image, S, for every method")
     parser.add_argument("--warmup-steps", type=int, default=100, help="discarded steps of each iterative method")
+    parser.add_argument("--long-warmup", type=int, default=300,
+                        help="also run the chains with this many warm-up steps (0: not)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="imputation seeds (masks and draws)")
     parser.add_argument("--train-seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--img-dir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seconds = args.seconds if args.seconds is not None else (20.0 if args.quick else 480.0)
+    epochs_lpc = args.epochs if args.epochs is not None else (20 if args.quick else 4)
     epochs = args.classifier_epochs if args.classifier_epochs is not None else (30 if args.quick else 3)
     out = args.out or (os.path.join(tempfile.gettempdir(), "imputation_quick.json") if args.quick
                        else results_path("imputation"))
@@ -195,24 +203,31 @@ def main():
     latent_dim = 16 if args.quick else 50
     torch.manual_seed(args.train_seed)
     dlgm = mlp_model(image_shape=image_shape, latent_dim=latent_dim, hidden=(200, 200), likelihood="bernoulli")
-    stream = TimedStream(data["train"], dlgm, seconds=seconds, seed=args.train_seed, binarize=True)
-    run = train(Method("LPC (fit's defaults)", "lpc", {}), dlgm, stream, lr=1e-3, seed=args.train_seed)
-    state = run["snapshots"][-1]["state"]
-    test_ll = log_likelihood(dlgm, state, x, num_samples=1000)
-    log(f"{data['dataset']}: trained {run['iterations']} iterations in {run['seconds']:.0f} s; "
+    pyro.clear_param_store()
+    loader = data_loader(load_dataset(data["dataset"], data["root"], "train", binarize="dynamic"), 100,
+                         seed=args.train_seed)
+    (result, train_seconds) = timed(fit, dlgm.model, dlgm.guide, loader, num_epochs=epochs_lpc, seed=args.train_seed,
+                                    optim=pyro.optim.Adam({"lr": 1e-3}), guide_optim=pyro.optim.Adam({"lr": 1e-3}),
+                                    progress=False)
+    iterations = len(result.history)
+    test_ll = log_likelihood(dlgm, dlgm.state_dict(), x, num_samples=1000)
+    log(f"{data['dataset']}: trained {iterations} iterations in {train_seconds:.0f} s; "
         f"test log-likelihood {test_ll:.2f} (IWAE, k = 1000, {len(x)} images)")
     classifier = train_classifier(data["train"], data["train_labels"], epochs, args.train_seed)
     ceiling = accuracy(classifier, x, labels)
     log(f"classifier: {epochs} epochs; accuracy on the complete test images {ceiling:.3f}")
 
+    methods = [(m, args.warmup_steps) for m in METHODS]
+    if args.long_warmup:  # the chains again with a longer warm-up (more decoder passes)
+        methods += [(f"{m}, {args.long_warmup} warm-up steps", args.long_warmup) for m in METHODS[-2:]]
     runs = []
     for seed in args.seeds:
         for pattern in PATTERNS:
             torch.manual_seed(seed)
             mask = missing_pixels(x.shape, pattern, 0.5)
             imputed, log_p = {}, {}
-            for method in METHODS:
-                result = run_method(method, dlgm, x, mask, labels, classifier, args, seed)
+            for method, warmup_steps in methods:
+                result = run_method(method, warmup_steps, dlgm, x, mask, labels, classifier, args, seed)
                 imputed[method] = result.pop("imputed")
                 log_p[method] = result.pop("log_p")
                 gain = log_p[method] - log_p[REFERENCE]  # paired over images: much smaller error
@@ -222,19 +237,20 @@ def main():
                     f"{result['log_lik_missing_mcse']:.2f} nats, accuracy {result['accuracy']:.3f}, "
                     f"gain over the encoder {result['vs_reference']:.2f} ± {result['vs_reference_mcse']:.2f}, "
                     f"{result['seconds']:.1f} s, {result['decoder_passes_per_image']:.0f} decoder passes/image, "
-                    f"acceptance {result['accept_rate']:.2f}")
+                    f"acceptance {result['accept_rate']:.2f}, stuck images {result['stuck_images']:.3f}")
             if seed == args.seeds[0]:
                 path = os.path.join(img_dir, f"imputation_{pattern.replace('-', '_')}.png")
-                save_picture(x, mask, imputed, path)
+                save_picture(x, mask, {m: imputed[m] for m in METHODS}, path)
                 log(f"wrote {path}")
 
-    rows = summarise(runs)
+    rows = summarise(runs, [m for m, _ in methods])
     write_results(out, {
-        "options": {"dataset": data["dataset"], "train_seconds": seconds, "num_images": len(x),
-                    "num_samples": args.num_samples, "warmup_steps": args.warmup_steps, "seeds": args.seeds,
+        "options": {"dataset": data["dataset"], "train_epochs": epochs_lpc, "num_images": len(x),
+                    "num_samples": args.num_samples, "warmup_steps": args.warmup_steps,
+                    "long_warmup": args.long_warmup, "seeds": args.seeds,
                     "train_seed": args.train_seed, "classifier_epochs": epochs, "missing_fraction": 0.5,
                     "latent_dim": latent_dim},
-        "model": {"iterations": run["iterations"], "seconds": run["seconds"], "test_log_likelihood": test_ll,
+        "model": {"iterations": iterations, "seconds": train_seconds, "test_log_likelihood": test_ll,
                   "missing_pixels_per_image": {p: int((~missing_pixels((1,) + image_shape, p, 0.5)).sum())
                                                for p in PATTERNS}},
         "classifier_accuracy_complete": ceiling,

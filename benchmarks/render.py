@@ -671,48 +671,54 @@ def imputation(records: Records) -> str:
                  ", ".join(f"{v:.2f}" for v in r["log_lik_missing_per_seed"]),
                  "—" if r["method"] == "encoder" else f"{r['vs_reference']:+.2f} ± {r['vs_reference_mcse']:.2f}",
                  f"{r['accuracy']:.3f}", f"{r['seconds']:.1f}", f"{r['decoder_passes_per_image']:.0f}",
-                 f"{r['accept_rate']:.2f}"] for r in rec["rows"] if r["pattern"] == pattern]
+                 f"{r['accept_rate']:.2f}", f"{r['stuck_images']:.0%}"] for r in rec["rows"] if r["pattern"] == pattern]
 
     def ll(pattern, method):
         return f"{row[pattern, method]['log_lik_missing']:.1f}"
 
     header = ["method", "log p(x_mis), nats", "per seed", "gain over the encoder", "accuracy", "s",
-              "decoder passes / image", "acceptance"]
+              "decoder passes / image", "acceptance", "stuck"]
     tables = "\n\n".join(
         f"**{pattern}** ({model['missing_pixels_per_image'][pattern]} pixels missing per image):\n\n"
         f"{table(header, rows(pattern))}\n\n![observed / imputed / true, {pattern}]"
         f"(img/imputation_{pattern.replace('-', '_')}.png)" for pattern in ("random", "bottom-half"))
     mwg = row["random", "Metropolis-within-Gibbs"]["accept_rate"]
+    long_mala = f"chains, MALA, {opt['long_warmup']} warm-up steps"
     return f"""### Filling in missing pixels (`benchmarks/imputation.py`)
 
 {source(rec)}. One model, the 200-200 tanh MLPs with a {opt['latent_dim']}-d latent (Bernoulli), trained with
-`fit`'s defaults (LPC, Adam 1e-3) for {opt['train_seconds']:g} s on {opt['dataset']} ({model['iterations']:,}
-iterations on the loaded machine; test log-likelihood {model['test_log_likelihood']:.2f} nats, IWAE k = 1000). The
+`fit`'s defaults (LPC, Adam 1e-3, seeded) for {opt['train_epochs']} epochs of {opt['dataset']}
+({model['iterations']:,} iterations, {model['seconds'] / 60:.0f} minutes on the loaded machine; test
+log-likelihood {model['test_log_likelihood']:.2f} nats, IWAE k = 1000). The
 first {opt['num_images']:,} statically binarised test images with {opt['missing_fraction']:.0%} of their pixels
 hidden, at random or the bottom half; every method gives S = {opt['num_samples']} draws of z per image, the
 iterative ones after {opt['warmup_steps']} discarded steps (adapting η and the preconditioner for ULA and MALA):
 (a) the encoder on the image filled in with 0.5, (b) pseudo-Gibbs (Rezende et al. 2014), (c) Metropolis-within-Gibbs
-(Mattei & Frellsen 2018; exact), (d) `infer_posterior`'s chains on p(z | x_obs), warm-started by (a).
+(Mattei & Frellsen 2018; exact), (d) `infer_posterior`'s chains on p(z | x_obs), warm-started by (a); the chains
+also with {opt['long_warmup']} warm-up steps.
 **log p(x_mis)**: log (1/S) Σ_s p(x_mis | z_s) of the true missing pixels, mean over images and over
 {len(opt['seeds'])} seeds (new masks and draws; the same model and images) ± its Monte Carlo standard error over
 images; **gain over the encoder**: the same, image by image minus the encoder's (paired, so its error is
 smaller); **accuracy**: a classifier (an MLP with 200 ReLU units; {rec['classifier_accuracy_complete']:.3f} on the
 complete images) on the images completed with the posterior predictive mean; **s**: wall time of the draws for
 all images (one torch thread, {rec['loadavg']} at the end); **decoder passes**: counted by a hook (the chains also
-back-propagate through each). The pictures (first 8 images, seed {opt['seeds'][0]}) come from the same command.
+back-propagate through each); **stuck**: the share of images whose z moved in fewer than 10 % of the kept
+steps. The pictures (first 8 images, seed {opt['seeds'][0]}) come from the same command.
 `pyro-lpc impute RUN_DIR --mask bottom-half|random` does (d) for a trained run ([the command](cli.md)).
 
 {tables}
 
-At the same number of decoder passes, the unadjusted chains give the best imputations in both patterns
+At about 200 decoder passes per image, the unadjusted chains give the best imputations in both patterns
 ({ll('random', 'chains, ULA')} and {ll('bottom-half', 'chains, ULA')} nats against pseudo-Gibbs'
-{ll('random', 'pseudo-Gibbs')} and {ll('bottom-half', 'pseudo-Gibbs')}); the encoder alone, shown an image
-half filled with 0.5, is far off ({ll('random', 'encoder')}). Metropolis-within-Gibbs, exact in the limit,
-accepts {mwg:.0%} of the encoder's proposals in {opt['latent_dim']} dimensions, so its chains barely leave their start:
-on the bottom half it ends below the encoder alone, whose 100 draws are at least independent. MALA trails ULA,
-presumably because from the encoder's poor start {opt['warmup_steps']} warm-up steps do not bring every exact chain
-to its posterior (its error over images is the larger one: a tail of images still far off) while ULA's
-unrejected steps travel further; a longer warm-up was not measured here.{notes(rec)}
+{ll('random', 'pseudo-Gibbs')} and {ll('bottom-half', 'pseudo-Gibbs')}) and the best accuracy; the encoder alone,
+shown an image half filled with 0.5, is far off ({ll('random', 'encoder')} and {ll('bottom-half', 'encoder')}).
+Metropolis-within-Gibbs, exact in the limit, accepts {mwg:.0%} of the encoder's proposals in {opt['latent_dim']}
+dimensions, so nearly every image's chain stays where it started: on the bottom half it is no better than the
+encoder alone. MALA trails ULA, and {opt['long_warmup']} warm-up steps instead of {opt['warmup_steps']} do not
+close the gap ({ll('random', long_mala)} and {ll('bottom-half', long_mala)} nats); about
+{row['random', 'chains, MALA']['stuck_images']:.0%} of its images have chains that hardly move, and its error over
+images is the largest (a tail of poorly imputed images). `infer_posterior` tunes one step size for all the
+images' chains; whether a step size per image would close the gap was not measured.{notes(rec)}
 """
 
 
