@@ -72,7 +72,7 @@ def adaptation_windows(warmup_steps: int):
 
 
 class Moments:
-    """Running mean and (co)variance of rows of samples, merged a batch at a time (Chan et al.'s
+    r"""Running mean and (co)variance of rows of samples, merged a batch at a time (Chan et al.'s
     pairwise form of Welford's scheme), so `C` chains' draws enter in one tensor operation;
     `covariance(regularize=True)` is Stan's and Pyro's `WelfordCovariance` regularisation
     $\frac{n}{n + 5} \hat\Sigma + 10^{-3} \frac{5}{n + 5} I$."""
