@@ -361,14 +361,19 @@ class PCLangevin(MCMCKernel):
 
     @property
     def preconditioner(self):
-        """`P` (frozen after warm-up; after a run, the last chain's): per site for the
-        diagonal kinds, the matrix `L Lᵀ` over the flattened sites (in the order of
-        the model's sites) for `"dense"`, or `None` without preconditioning."""
+        """`P` (frozen after warm-up; after a run, the last chain's, or the shared one of
+        `VectorizedMCMC`'s chains): per site for the diagonal kinds, the matrix `L Lᵀ` over the
+        flattened sites (in the order of the model's sites) for `"dense"`, or `None` without
+        preconditioning."""
         if self._state is None:
             return self._final_preconditioner
-        precond = self._state.precond
-        if precond.kind is None:
-            return None
-        if precond.kind == "dense":
-            return precond.cholesky @ precond.cholesky.mT
-        return dict(precond.scale)
+        return readable_preconditioner(self._state.precond)
+
+
+def readable_preconditioner(precond: langevin.Preconditioner):
+    """`P` as `PCLangevin.preconditioner` reports it (see there)."""
+    if precond.kind is None:
+        return None
+    if precond.kind == "dense":
+        return precond.cholesky @ precond.cholesky.mT
+    return dict(precond.scale)

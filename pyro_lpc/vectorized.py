@@ -67,13 +67,13 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.mcmc.api import MCMC, AbstractMCMC
 from pyro.infer.mcmc.logger import ProgressBar
-from pyro.infer.mcmc.util import _find_valid_initial_params
+from pyro.infer.mcmc.util import _find_valid_initial_params, diagnostics
 from pyro.poutine.util import site_is_subsample
 from pyro.util import optional
 
 from . import langevin
 from .adaptation import Warmup
-from .kernel import PCLangevin
+from .kernel import PCLangevin, readable_preconditioner
 from .potential import joint_potential, latent_sites, sum_except
 
 #: Preconditioners whose `P` is constant within a chain, so MALA is exact and `P` can be shared.
@@ -193,6 +193,16 @@ class VectorizedMCMC(MCMC):
                         f"num_chains={num_chains}."
                     )
         self._initial_params = initial_params
+
+    def diagnostics(self):
+        """As `pyro.infer.MCMC.diagnostics`, with the chains named `"chain 0"`, ... zero-padded
+        beyond 10 chains (`"chain 00"`, ...): ArviZ's `from_pyro` sorts the names as strings to
+        match each chain's divergences to its draws, and `"chain 10"` sorts before `"chain 2"`."""
+        diag = diagnostics(self._samples)
+        width = len(str(self.num_chains - 1))
+        for name in self._diagnostics[0]:
+            diag[name] = {f"chain {c:0{width}d}": d[name] for c, d in enumerate(self._diagnostics)}
+        return diag
 
     @poutine.block
     def run(self, *args, **kwargs):
@@ -341,5 +351,5 @@ class VectorizedMCMC(MCMC):
              "step size": step_size}
             for c in range(num_chains)
         ]
-        kernel.step_size = step_size
+        kernel.step_size, kernel._final_preconditioner = step_size, readable_preconditioner(state.precond)
 

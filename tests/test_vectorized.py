@@ -156,6 +156,23 @@ def test_the_centred_funnel_does_not_fail_silently():
     assert float(arviz.rhat(arviz.convert_to_dataset(grouped))["tau"]) > 1.1
 
 
+@pytest.mark.slow
+def test_arviz_puts_each_of_twelve_chains_divergences_on_that_chain():
+    """Beyond 10 chains the names are zero-padded, so ArviZ's from_pyro (which sorts them as
+    strings: "chain 10" before "chain 2") matches every chain's divergences to its own draws, and
+    the adapted P is readable on the kernel after the run. Centred schools: some chains stick in the
+    neck (seed fixed so that chains 2-9 and 10-11 differ in their counts)."""
+    kernel = PCLangevin(centred_schools)
+    mcmc = run(kernel, SCHOOLS_SIGMA, SCHOOLS_Y, num_chains=12, num_samples=300, warmup_steps=300)
+    divergences = mcmc.diagnostics()["divergences"]
+    assert list(divergences) == [f"chain {c:02d}" for c in range(12)]
+    counts = [len(v) for v in divergences.values()]
+    assert len(set(counts)) > 1
+    diverging = arviz.from_pyro(mcmc, log_likelihood=False).sample_stats["diverging"].values
+    assert diverging.sum(1).tolist() == counts
+    assert set(kernel.preconditioner) == {"mu", "tau", "theta"}
+
+
 # -- how the model is vectorised, what cannot be, and wrong inputs ---------------------------
 def reshapes_a_latent(y):
     z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
