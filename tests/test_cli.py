@@ -258,6 +258,15 @@ def test_impute_fills_in_missing_pixels_of_test_images(lpc_run, tmp_path, capsys
     assert not torch.equal(rows[1], true)                     # missing ones filled in with predictive means
 
 
+@pytest.mark.parametrize("method", ["ula", "encoder", "pseudo-gibbs", "metropolis-within-gibbs"])
+def test_impute_runs_every_method(lpc_run, capsys, method):
+    assert main(["impute", lpc_run, "--method", method, "-n", "4", "--num-samples", "10", "--warmup-steps", "10"]) == 0
+    printed = capsys.readouterr().out
+    figures = re.findall(rf"{method} (-?\d+\.\d+) nats, encoder alone (-?\d+\.\d+) nats", printed)
+    assert len(figures) == 1 and all(float(f) < 0 for f in figures[0])
+    assert os.path.exists(os.path.join(lpc_run, f"imputations-bottom-half-{method}.png"))
+
+
 def test_impute_refuses_bad_options(lpc_run, capsys):
     for option, value in (("--mask", "left-half"), ("--fraction", "1.5"), ("-n", "0")):
         with pytest.raises(SystemExit):

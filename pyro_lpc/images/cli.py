@@ -43,13 +43,15 @@ from ..fit import fit
 from ..langevin import PRECONDITIONERS
 from ..posterior import infer_posterior
 from ..warm_start import OBJECTIVES
-from . import plots
+from . import imputation, plots
 from .data import DATASETS
 from .runs import (data_loader, default_run_dir, eval_images, evaluate_run, load_run, resolve_device, run_config,
                    run_data, run_model, write_config, write_history)
 
 METHODS = ("lpc", "vae", "iwae")
 MASKS = ("bottom-half", "random")
+#: How `pyro-lpc impute` draws z: our chains (MALA, ULA) or a baseline of `pyro_lpc.images.imputation`.
+IMPUTERS = ("mala", "ula", "encoder", "pseudo-gibbs", "metropolis-within-gibbs")
 MODELS = ("mlp", "conv")
 DATASET_NAMES = [d for d in DATASETS if ":" not in d]
 
@@ -201,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     impute = commands.add_parser(
         "impute", help="fill in missing pixels of test images with a trained run",
         description="Hide pixels of the first N test images, draw z from p(z | observed pixels) with "
-                    "infer_posterior (MALA chains warm-started by the encoder on the image filled in), and "
-                    "write observed / imputed (posterior predictive mean) / true images in one picture. "
-                    "Prints the log predictive density of the true missing pixels, per image, for the chains "
-                    "and for the encoder alone.", **command)
+                    "infer_posterior (MALA chains warm-started by the encoder on the image filled in; --method "
+                    "for ULA or a baseline), and write observed / imputed (posterior predictive mean) / true "
+                    "images in one picture. Prints the log predictive density of the true missing pixels, per "
+                    "image, for the method and for the encoder alone.", **command)
     impute.add_argument("run_dir", help="the run directory")
     impute.add_argument("--mask", default="bottom-half", choices=MASKS,
                         help="the missing pixels: the bottom half of each image, or random pixels")
@@ -212,10 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the fraction of pixels missing under --mask random")
     impute.add_argument("-n", "--num", type=_positive_int, default=16, help="number of test images")
     impute.add_argument("--num-samples", type=_positive_int, default=100, help="posterior samples per image")
-    impute.add_argument("--warmup-steps", type=int, default=100, help="chain steps adapting η, discarded")
+    impute.add_argument("--method", default="mala", choices=IMPUTERS,
+                        help="how z is drawn: infer_posterior's chains, Metropolis-adjusted (mala) or not (ula); "
+                             "the encoder alone; pseudo-Gibbs (Rezende et al. 2014); Metropolis-within-Gibbs "
+                             "(Mattei & Frellsen 2018)")
+    impute.add_argument("--warmup-steps", type=int, default=100,
+                        help="steps discarded before the draws (the chains adapt η in them)")
     impute.add_argument("--seed", type=int, default=0, help="seed of the random mask and the chains")
     impute.add_argument("--output", "--out", default=None,
-                        help="image file (default: RUN_DIR/imputations-MASK.png)")
+                        help="image file (default: RUN_DIR/imputations-MASK.png, -METHOD added for other methods)")
     return parser
 
 
@@ -357,19 +364,32 @@ def impute(args) -> int:
     x = images[:args.num]
     mask = missing_pixels(x.shape, args.mask, args.fraction).to(x.device)
     hidden = torch.where(mask, x, torch.full_like(x, float("nan")))  # the missing pixels are never read
-    samples = infer_posterior(run.model, run.guide, hidden, mask=mask, num_samples=args.num_samples,
-                              warmup_steps=args.warmup_steps)
-    imputed, log_p = run.dlgm.impute(x, mask, samples["z"])
+    z, how = _imputation_draws(run, x, hidden, mask, args)
+    imputed, log_p = run.dlgm.impute(x, mask, z)
     encoder = pyro.infer.Predictive(run.guide, num_samples=args.num_samples, return_sites=["z"])
     _, log_p_encoder = run.dlgm.impute(x, mask, encoder(hidden, mask=mask)["z"])
-    output = args.output or os.path.join(args.run_dir, f"imputations-{args.mask}.png")
+    method = "" if args.method == "mala" else f"-{args.method}"
+    output = args.output or os.path.join(args.run_dir, f"imputations-{args.mask}{method}.png")
     plots.save_imputations(x, mask, imputed, output)
     missing = (~mask[:, 0]).sum().item() / args.num
     print(f"pyro-lpc: {args.num} test images, {missing:.0f} of {mask[0, 0].numel()} pixels missing ({args.mask}); "
-          f"log-likelihood of the true missing pixels per image: chains {log_p.mean().item():.2f} nats, encoder "
-          f"alone {log_p_encoder.mean().item():.2f} nats; MALA acceptance {samples.accept_rate:.2f}, "
-          f"{samples.divergences} divergences, step size {samples.step_size:.3g}; wrote {output}")
+          f"log-likelihood of the true missing pixels per image: {args.method} {log_p.mean().item():.2f} nats, "
+          f"encoder alone {log_p_encoder.mean().item():.2f} nats; {how}; wrote {output}")
     return 0
+
+
+def _imputation_draws(run, x, hidden, mask, args):
+    """`--method`'s draws of z, `(S, B, latent_dim)`, and a line on how the sampler moved."""
+    if args.method in ("mala", "ula"):
+        samples = infer_posterior(run.model, run.guide, hidden, mask=mask, num_samples=args.num_samples,
+                                  warmup_steps=args.warmup_steps, adjust=args.method == "mala")
+        return samples["z"], (f"{args.method.upper()} acceptance {samples.accept_rate:.2f}, {samples.divergences} "
+                              f"divergences, step size {samples.step_size:.3g}")
+    if args.method == "encoder":
+        return imputation.encoder_draws(run.dlgm, hidden, mask, args.num_samples).z, "no chain"
+    sampler = imputation.pseudo_gibbs if args.method == "pseudo-gibbs" else imputation.metropolis_within_gibbs
+    draws = sampler(run.dlgm, hidden, mask, args.num_samples, args.warmup_steps)
+    return draws.z, f"acceptance {draws.accept_rate:.2f}"
 
 
 @record
