@@ -127,7 +127,7 @@ class LangevinState(NamedTuple):
 
 
 class LangevinInfo(NamedTuple):
-    """What one step did, per chain.
+    r"""What one step did, per chain.
 
     `accept_prob` is the MALA acceptance probability of the proposal (computed
     for ULA too, as a diagnostic and for step-size adaptation; for `"adam"`

@@ -94,11 +94,15 @@ class ChainStore:
         return {k: select(seen, self.positions[k][indices].to(v.dtype), v, 1) for k, v in like.items()}, seen
 
     def update(self, indices: torch.Tensor, position: Position) -> None:
-        """Store the chain-first `position` as the state of `indices`."""
+        """Store the chain-first `position` as the state of `indices`. An index repeated (a
+        `DistributedSampler` pads the last shards with repeats) keeps its first row, the same on
+        every rank (an indexed write of duplicates has no defined order on CUDA)."""
         self._reserve(indices, position)
         indices = indices.to(self.seen.device)
+        rows = first_occurrences(indices)
+        indices = indices[rows]
         for name, value in position.items():
-            self.positions[name][indices] = value.detach().to(self.positions[name].dtype)
+            self.positions[name][indices] = value.detach()[rows.to(value.device)].to(self.positions[name].dtype)
         self.seen[indices] = True
 
     def _reserve(self, indices: torch.Tensor, like: Position) -> None:
@@ -209,3 +213,12 @@ def _log_weight(energy: SplitEnergy, potential: torch.Tensor, position: Position
     for name in sites:
         log_w = log_w - sum_except(guide_trace.nodes[name]["fn"].log_prob(values[name]), (dim,))
     return log_w
+
+
+def first_occurrences(indices: torch.Tensor) -> torch.Tensor:
+    """Positions in `indices` of the first occurrence of each distinct value, in order."""
+    order = torch.argsort(indices, stable=True)
+    ranked = indices[order]
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    return order[first].sort().values

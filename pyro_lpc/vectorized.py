@@ -144,6 +144,21 @@ def mapped(energy):
     return torch.func.vmap(energy, randomness="error")
 
 
+class PerChain(dict):
+    """One figure per chain, keyed `"chain 0"`, ..., zero-padded beyond 10 chains (`"chain 00"`,
+    ...) so that the keys sort in chain order; Pyro's unpadded `"chain 3"` finds `"chain 03"`."""
+
+    def __init__(self, num_chains: int, values):
+        self.width = len(str(num_chains - 1))
+        super().__init__((f"chain {c:0{self.width}d}", value) for c, value in enumerate(values))
+
+    def __missing__(self, key):
+        name, _, number = key.partition(" ") if isinstance(key, str) else ("", "", "")
+        if name == "chain" and number.isdigit() and f"chain {int(number):0{self.width}d}" != key:
+            return self[f"chain {int(number):0{self.width}d}"]
+        raise KeyError(key)
+
+
 class VectorizedMCMC(MCMC):
     """`pyro.infer.MCMC` for a [`PCLangevin`][pyro_lpc.PCLangevin] kernel with all chains
     advanced together in one process (module docstring: how, and what is shared).
@@ -197,11 +212,11 @@ class VectorizedMCMC(MCMC):
     def diagnostics(self):
         """As `pyro.infer.MCMC.diagnostics`, with the chains named `"chain 0"`, ... zero-padded
         beyond 10 chains (`"chain 00"`, ...): ArviZ's `from_pyro` sorts the names as strings to
-        match each chain's divergences to its draws, and `"chain 10"` sorts before `"chain 2"`."""
+        match each chain's divergences to its draws, and `"chain 10"` sorts before `"chain 2"`
+        (Pyro's `"chain 3"` still finds `"chain 03"`)."""
         diag = diagnostics(self._samples)
-        width = len(str(self.num_chains - 1))
         for name in self._diagnostics[0]:
-            diag[name] = {f"chain {c:0{width}d}": d[name] for c, d in enumerate(self._diagnostics)}
+            diag[name] = PerChain(self.num_chains, [d[name] for d in self._diagnostics])
         return diag
 
     @poutine.block

@@ -198,3 +198,13 @@ def test_ranks_keep_every_point_of_the_global_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
     assert torch.equal(stored(ranks[0]), stored(ranks[1]))
     assert (stored(ranks[0]) - SPREAD).abs().max() < 0.5  # each point's chain carried across ranks and epochs
+
+
+def test_a_repeated_index_keeps_its_first_row():
+    """A DistributedSampler pads the last shards with repeated indices: the store keeps the first
+    row of each, the same on every rank, instead of an undefined one of the indexed write."""
+    from pyro_lpc.persistent import ChainStore
+
+    store = ChainStore()
+    store.update(torch.tensor([2, 0, 2, 0]), {"z": torch.tensor([[1.0], [2.0], [3.0], [4.0]])})
+    assert store.positions["z"].flatten().tolist() == [2.0, 0.0, 1.0]

@@ -166,6 +166,7 @@ def test_arviz_puts_each_of_twelve_chains_divergences_on_that_chain():
     mcmc = run(kernel, SCHOOLS_SIGMA, SCHOOLS_Y, num_chains=12, num_samples=300, warmup_steps=300)
     divergences = mcmc.diagnostics()["divergences"]
     assert list(divergences) == [f"chain {c:02d}" for c in range(12)]
+    assert divergences["chain 3"] is divergences["chain 03"]  # Pyro's names still find their chain
     counts = [len(v) for v in divergences.values()]
     assert len(set(counts)) > 1
     diverging = arviz.from_pyro(mcmc, log_likelihood=False).sample_stats["diverging"].values
