@@ -149,15 +149,12 @@ class WindowCovariance:
 
     def update(self, position: Position, grad: Position, batch_ndim: int = 0) -> None:
         """Fold in a position and its gradient, or `C` chains' at once (`batch_ndim=1`)."""
-        z = flatten(position, position, batch_ndim).reshape(-1, self._width(position, batch_ndim))
+        z = flatten(position, position, batch_ndim)  # batch_shape + (D,)
+        z = z.reshape(-1, z.shape[-1])
         self._position.update(z)
         self._grad.update(flatten(grad, grad, batch_ndim).reshape(z.shape))
         if self._covariance is not None:
             self._covariance.update(z)
-
-    @staticmethod
-    def _width(position: Position, batch_ndim: int) -> int:
-        return sum(v[(0,) * batch_ndim].numel() for v in position.values())
 
     def preconditioner(self, precond: Preconditioner, final: bool = True) -> Preconditioner:
         """`precond` with `P` set from this window (needs two or more samples); for
