@@ -250,15 +250,16 @@ def train(method: Method, dlgm, stream: TimedStream, lr: float, seed: int) -> di
             "snapshots": stream.snapshots, "history": history}
 
 
-def log_likelihood(dlgm, state, images, *, num_samples, use_guide=True, method="iwae", **ais) -> float:
-    """Mean per-image ``log p(x)`` estimate of the model (and guide) with parameters ``state``."""
+def log_likelihood(dlgm, state, images, *, num_samples, use_guide=True, method="iwae", per_image=False, **ais):
+    """Mean per-image ``log p(x)`` estimate of the model (and guide) with parameters ``state`` (with
+    ``per_image``, the list of the images' estimates)."""
     dlgm.load_state_dict(state)
     pyro.clear_param_store()
     torch.manual_seed(EVAL_SEED)
     with torch.set_grad_enabled(method == "ais"):  # AIS differentiates inside; IWAE needs no graph
         estimate = log_marginal_likelihood(dlgm.model, dlgm.guide if use_guide else None, images,
                                            num_samples=num_samples, method=method, batch_size=BATCH, **ais)
-    return estimate.mean().item()
+    return estimate.tolist() if per_image else estimate.mean().item()
 
 
 def samples(dlgm, state, n: int) -> torch.Tensor:

@@ -796,6 +796,73 @@ Metropolis choice (99.9 %) yet lag behind θ, and training ends worse. Commands:
 """
 
 
+def paired_difference(values: List[float], base: List[float]) -> tuple:
+    """Mean of ``values[i] − base[i]`` and its standard error over the pairs."""
+    diffs = [a - b for a, b in zip(values, base)]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1))
+    return mean, sd / math.sqrt(len(diffs))
+
+
+def converged(records: Records) -> str:
+    """Issue 17 item 3: each method trained until its held-out bound stopped improving, scored by AIS
+    (``converged*.json``, possibly several processes); nothing until such a record exists."""
+    recs = [records.take(name) for name in records.current("converged")]
+    if not recs:
+        return ""
+    key = lambda rec: tuple(rec["options"][k] for k in ("train_images", "seed", "test_images", "ais_chains",  # noqa: E731
+                                                          "ais_steps"))
+    ais = lambda rec, run, factor=4: run["ais"][str(factor * rec["options"]["ais_steps"])]  # noqa: E731
+    vaes = {key(rec): ais(rec, run)["per_image"] for rec in recs for run in rec["runs"] if run["label"] == "VAE"}
+    rows, verdicts, rises = [], [], []
+    order = lambda pair: (pair[1]["label"] != "VAE", pair[1]["label"].startswith("LPC"))  # noqa: E731
+    for rec, run in sorted(((rec, run) for rec in recs for run in rec["runs"]), key=order):
+        o = rec["options"]
+        short, long = ais(rec, run, 1)["log_likelihood"], ais(rec, run)["log_likelihood"]
+        rises.append(long - short)
+        vae = vaes.get(key(rec)) if run["label"] != "VAE" else None
+        gain = None if vae is None else paired_difference(ais(rec, run)["per_image"], vae)
+        stop = ("converged" if run["converged"] else "**capped**") if run["diverged_at"] is None else \
+            f"non-finite at {run['diverged_at']:,}"
+        rows.append([run["label"], f"{o['train_images']:,}", f"{run['best_iteration']:,}",
+                     fmt(run["best_seconds"] / 60, 1), stop, fmt(run["held_out"]), fmt(run["train_bound"]),
+                     fmt(short), fmt(long), fmt(run["test_iwae"]), fmt(run["test_iwae"] - long),
+                     "—" if gain is None else f"{gain[0]:+.2f} ± {gain[1]:.2f}"])
+        if run["label"].startswith("LPC") and gain is not None:
+            verdicts.append(f"{run['label']}: {gain[0]:+.2f} ± {gain[1]:.2f} nats, "
+                            f"{'meets' if gain[0] >= 1 else 'misses'} the target"
+                            + ("" if run["converged"] else " (capped: not at convergence)"))
+    o = recs[0]["options"]
+    lengths = sorted({rec["options"]["ais_steps"] for rec in recs})
+    target = ("; ".join(verdicts) + "." if verdicts else
+              "no LPC run has a VAE run with the same settings to compare with.")
+    commands = "; ".join(source(rec) for rec in recs)
+    return f"""### Converged quality, compared by AIS (`benchmarks/converged.py`, issue 17 item 3)
+
+Each method trains on the first training images (column *images*; the headline's model, batch 100 of
+dynamically binarised images, Adam {o['lr']:g}, one torch thread) until its held-out bound stops improving:
+the IWAE bound (k = {o['held_out_samples']}, own guide) on the last 500 training images every {o['every']:,}
+iterations; training stops when it has not risen by more than {o['min_delta']:g} nats for {o['patience']}
+evaluations in a row, or at a cap of {minutes(o['max_seconds'])} of training (*capped*: not converged). The
+state with the best held-out bound is kept; *it. / min to best*: its iteration and training minutes
+(evaluation excluded). *train*: the same bound on the first 500 training images (statically binarised);
+train − held-out shows overfitting. On the first {o['test_images']:,} statically binarised test images:
+**AIS** from the prior (guide-independent), {o['ais_chains']} chains × T MALA transitions, with T =
+{' or '.join(f'{t:,}' for t in lengths)} and with 4T (a tight estimate changes little from T to 4T); *test
+IWAE*: k = {o['test_samples']:,}, own guide; *IWAE − AIS*: the guide's gap (AIS with 4T); *− VAE (AIS)*: AIS
+(4T) minus the VAE's with the same settings, ± its standard error over the images (paired). Log-likelihoods in
+nats per image (higher is better).
+
+{table(["method", "images", "it. to best", "min to best", "stopped", "held-out", "train", "AIS, T", "AIS, 4T",
+        "test IWAE", "IWAE − AIS", "− VAE (AIS)"], rows)}
+
+From T to 4T the AIS estimates rose by {min(rises):.2f} to {max(rises):.2f} nats. Target (LPC ≥ the VAE + 1 nat
+by AIS with 4T): {target}
+
+Commands: {commands}.{''.join(notes(rec) for rec in recs)}
+"""
+
+
 # -- the changelog ---------------------------------------------------------------------------------
 def superseded(records: Records) -> str:
     """Every superseded record, by date (newest first), with what superseded it."""
@@ -850,14 +917,14 @@ Superseded {first['superseded']}. Commands: {'; '.join(f"`{records.records[n]['c
 
 
 # -- the page --------------------------------------------------------------------------------------
-STUDIES = [per_second, persistent_chains, step_cost, fit_overhead, mnist, cifar10, step_size, kernel, kernel_overhead, kernel_defaults,
+STUDIES = [per_second, persistent_chains, step_cost, fit_overhead, mnist, converged, cifar10, step_size, kernel, kernel_overhead, kernel_defaults,
            kernel_preconditioners, kernel_vectorized, forward_kl_samples, distributed, cli_train, cli_threads, imputation]
 
 
 def render(folder: Path = RESULTS) -> str:
     """The page, from the records in ``folder``; raises if a record is used by no section."""
     records = Records(folder)
-    body = "\n".join(study(records) for study in STUDIES)
+    body = "\n".join(section for section in (study(records) for study in STUDIES) if section)
     page = f"""# Benchmarks
 
 <!-- Generated by benchmarks/render.py from benchmarks/results/*.json; do not edit by hand. -->
