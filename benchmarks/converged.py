@@ -210,7 +210,7 @@ def main():
     parser.add_argument("--test-images", type=int, default=100)
     parser.add_argument("--test-samples", type=int, default=1000)
     parser.add_argument("--ais-chains", type=int, default=10)
-    parser.add_argument("--ais-steps", type=int, default=300, help="T; AIS also runs with 4T")
+    parser.add_argument("--ais-steps", type=int, default=500, help="T; AIS also runs with 4T")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes that run in seconds (figures meaningless)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
