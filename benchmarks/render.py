@@ -405,30 +405,76 @@ Learning-rate grid (runs after LPC (Jeffreys)'s grid also snapshot at its chosen
 """
 
 
+CIFAR10_SCORES = ("density", "coverage", "precision", "recall")
+
+
+def cifar10_scores(quality: dict) -> list:
+    """Table cells: Fréchet distance, then :data:`CIFAR10_SCORES`."""
+    return [fmt(quality["frechet_distance"])] + [fmt(quality[k]) for k in CIFAR10_SCORES]
+
+
+def cifar10_table(rec: dict) -> str:
+    """The final figures of a ``cifar10.py`` record, one row per method (also the first record's layout)."""
+    rows = [[r["label"], f"{r['lr']:g}", r["iterations"], fmt(r["seconds"], 1), fmt(r["ms_per_iteration"], 1),
+             f"**{fmt(r['quality']['frechet_distance'])}**"] + cifar10_scores(r["quality"])[1:] for r in rec["runs"]]
+    rows.append(["*real training images*", "", "", "", ""] + cifar10_scores(rec["reference_quality"]))
+    return table(["method", "lr", "iterations", "seconds", "ms / it", "Fréchet dist.", "density", "coverage",
+                  "precision", "recall"], rows)
+
+
 def cifar10(records: Records) -> str:
     rec = records.take("cifar10")
     b = rec["budget"]
-    rows = [[r["label"], f"{r['lr']:g}", r["iterations"], fmt(r["seconds"], 1), fmt(r["ms_per_iteration"], 1),
-             f"**{fmt(r['quality']['frechet_distance'])}**"]
-            + [fmt(r["quality"][k]) for k in ("density", "coverage", "precision", "recall")] for r in rec["runs"]]
-    ref = rec["reference_quality"]
-    rows.append(["*real training images*", "", "", "", "", fmt(ref["frechet_distance"])]
-                + [fmt(ref[k]) for k in ("density", "coverage", "precision", "recall")])
-    return f"""### CIFAR-10: sample quality at equal wall-clock (`benchmarks/cifar10.py`)
+    heading = "### CIFAR-10: sample quality at equal wall-clock (`benchmarks/cifar10.py`)"
+    n = f"{rec['num_test']:,}"
+    quality = (f"Sample\nquality of {n} samples against the {n} pixel-exact test images, in the feature\n"
+               f"space of a LeNet trained for {b['feature_epochs']} epochs (test accuracy "
+               f"{100 * rec['feature_accuracy']:.1f} %;\nnot Inception features, so not FIDs).")
+    image = "![CIFAR-10 samples: real test images, LPC, VAE](img/cifar10_samples.png)"
+    if not rec.get("side_by_side"):  # the first record: the methods one after the other
+        return f"""{heading}
 
 {source(rec)}.{inline_notes(rec)}
 
 The convolutional model (`conv_model`, 64 latent dimensions), discretised Gaussian likelihood
 (σ = 0.1) on pixels in [-1, 1], batch 100, {b['train_images']:,} training images, **{b['cifar_seconds']:g} s
-of training each** with the family's MNIST learning rate; LPC (Jeffreys): {lpc_settings(rec)}. Sample
-quality of {rec['num_test']:,} samples against the {rec['num_test']:,} pixel-exact test images, in the feature
-space of a LeNet trained for {b['feature_epochs']} epochs (test accuracy {100 * rec['feature_accuracy']:.1f} %;
-not Inception features, so not FIDs).
+of training each** with the family's MNIST learning rate; LPC (Jeffreys): {lpc_settings(rec)}. {quality}
 
-{table(["method", "lr", "iterations", "seconds", "ms / it", "Fréchet dist.", "density", "coverage",
-        "precision", "recall"], rows)}
+{cifar10_table(rec)}
 
-![CIFAR-10 samples: real test images, LPC, VAE](img/cifar10_samples.png)
+{image}
+"""
+    runs = [[r["label"], f"{r['lr']:g}", f"{r['iterations']:,}" + (f" (stopped: non-finite at {r['diverged_at']:,})"
+             if r["diverged_at"] is not None else ""), fmt(r["ms_per_iteration"], 1),
+             "—" if r["core"] is None else r["core"]] for r in rec["runs"]]
+    scores = [[r["label"], f"{s['seconds']:,.0f} s", f"{s['iteration']:,}"] + cifar10_scores(s["quality"])
+              for r in rec["runs"] for s in r["snapshots"]]
+    scores.append(["*real training images*", "", ""] + cifar10_scores(rec["reference_quality"]))
+    return f"""{heading}
+
+{source(rec)}.{inline_notes(rec)}
+
+The convolutional model (`conv_model`, 64 latent dimensions), discretised Gaussian likelihood
+(σ = 0.1) on pixels in [-1, 1], batch 100, {b['train_images']:,} training images, the same initial weights
+and mini-batch stream, **{minutes(b['cifar_seconds'])} of training each, the methods side by side**:
+one process per method at the same time, {rec['threads_per_run']} torch thread each, pinned to a core of
+its own (column "core"; "—": not pinned); machine load: {rec['load_before']} before the runs,
+{rec['load_after']} after.
+A run's clock starts at its first mini-batch and everything after it counts as training time
+(compilation included — `fit`'s defaults compile nothing —, the first iteration's set-up, chains,
+optimiser steps) except the copies of the parameter snapshots. The family's MNIST learning rate;
+LPC (Jeffreys): {lpc_settings(rec)}.
+
+{table(["method", "lr", "iterations", "ms / it", "core"], runs)}
+
+{quality} Each run is scored at
+{", ".join(minutes(f * b["cifar_seconds"]) for f in b["snapshot_fractions"])} of training (the first snapshot
+at or after each).
+
+{table(["method", "training time", "iterations", "Fréchet dist.", "density", "coverage", "precision", "recall"],
+       scores)}
+
+{image}
 """
 
 
@@ -904,6 +950,10 @@ Superseded {first['superseded']}. Commands: {'; '.join(f"`{records.records[n]['c
                         f"{rec['test_log_likelihood']:.1f}, "
                         f"Fréchet distance {rec['frechet_distance']:.1f}, density {rec['density']:.2f}, coverage "
                         f"{rec['coverage']:.2f}.")
+            elif name.startswith("cifar10"):
+                b = rec["budget"]
+                body = (f"{b['cifar_seconds']:g} s of training each, one method after the other with "
+                        f"{rec['threads']} torch threads; LPC (Jeffreys): {lpc_settings(rec)}.\n\n{cifar10_table(rec)}")
             elif name == "kernel_one_chain":
                 body = kernel_one_chain_table(rec)
             elif name == "notebook02":
