@@ -56,6 +56,10 @@ VARIANTS = {
     "LPC K=5, keep last, η adapted, compiled": Method(
         "LPC K=5, keep last, η adapted, compiled", "lpc",
         {"num_steps": 5, "keep": "last", "target_accept_prob": 0.57, "jit_compile": True, "jit_options": {}}),
+    # the fewest steps issue 17 counts as chains that run (mean K ≥ 3): K/2 VAE iterations' cost fewer than K = 5
+    "LPC K=3, keep last, η adapted, compiled": Method(
+        "LPC K=3, keep last, η adapted, compiled", "lpc",
+        {"num_steps": 3, "keep": "last", "target_accept_prob": 0.57, "jit_compile": True, "jit_options": {}}),
     # Metropolis-adjusted chains (exact for fixed θ: what persistent chains carry across epochs)
     "LPC K=5, MALA, η adapted, compiled": Method(
         "LPC K=5, MALA, η adapted, compiled", "lpc",
