@@ -915,8 +915,10 @@ def converged(records: Records) -> str:
                      fmt(short), fmt(long), fmt(run["test_iwae"]), fmt(run["test_iwae"] - long),
                      "—" if gain is None else f"{gain[0]:+.2f} ± {gain[1]:.2f}"])
         if run["label"].startswith("LPC") and gain is not None:
-            verdicts.append(f"{run['label']}: {gain[0]:+.2f} ± {gain[1]:.2f} nats, "
+            close = abs(gain[0] - 1) < 2 * gain[1]
+            verdicts.append(f"{run['label']} (seed {o['seed']}): {gain[0]:+.2f} ± {gain[1]:.2f} nats, "
                             f"{'meets' if gain[0] >= 1 else 'misses'} the target"
+                            + (" (+1 lies within two standard errors)" if close else "")
                             + ("" if run["converged"] else " (capped: not at convergence)"))
     o = recs[0]["options"]
     lengths = sorted({rec["options"]["ais_steps"] for rec in recs})
