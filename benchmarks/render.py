@@ -901,7 +901,8 @@ def converged(records: Records) -> str:
     ais = lambda rec, run, factor=4: run["ais"][str(factor * rec["options"]["ais_steps"])]  # noqa: E731
     vaes = {key(rec): ais(rec, run)["per_image"] for rec in recs for run in rec["runs"] if run["label"] == "VAE"}
     rows, verdicts, rises = [], [], []
-    order = lambda pair: (pair[1]["label"] != "VAE", pair[1]["label"].startswith("LPC"))  # noqa: E731
+    order = lambda pair: (pair[1]["label"] != "VAE", pair[1]["label"].startswith("LPC"), pair[1]["label"],  # noqa: E731
+                          pair[0]["options"]["seed"])
     for rec, run in sorted(((rec, run) for rec in recs for run in rec["runs"]), key=order):
         o = rec["options"]
         short, long = ais(rec, run, 1)["log_likelihood"], ais(rec, run)["log_likelihood"]
@@ -910,7 +911,7 @@ def converged(records: Records) -> str:
         gain = None if vae is None else paired_difference(ais(rec, run)["per_image"], vae)
         stop = ("converged" if run["converged"] else "**capped**") if run["diverged_at"] is None else \
             f"non-finite at {run['diverged_at']:,}"
-        rows.append([run["label"], f"{o['train_images']:,}", f"{run['best_iteration']:,}",
+        rows.append([run["label"], o["seed"], f"{o['train_images']:,}", f"{run['best_iteration']:,}",
                      fmt(run["best_seconds"] / 60, 1), stop, fmt(run["held_out"]), fmt(run["train_bound"]),
                      fmt(short), fmt(long), fmt(run["test_iwae"]), fmt(run["test_iwae"] - long),
                      "—" if gain is None else f"{gain[0]:+.2f} ± {gain[1]:.2f}"])
@@ -931,7 +932,7 @@ Each method trains on the first training images (column *images*; the headline's
 dynamically binarised images, Adam {o['lr']:g}, one torch thread) until its held-out bound stops improving:
 the IWAE bound (k = {o['held_out_samples']}, own guide) on the last 500 training images every {o['every']:,}
 iterations; training stops when it has not risen by more than {o['min_delta']:g} nats for {o['patience']}
-evaluations in a row, or at a cap of {minutes(o['max_seconds'])} of training (*capped*: not converged). The
+evaluations in a row, or at a cap of {' or '.join(minutes(c) for c in sorted({r['options']['max_seconds'] for r in recs}))} of training (*capped*: not converged). The
 state with the best held-out bound is kept; *it. / min to best*: its iteration and training minutes
 (evaluation excluded). *train*: the same bound on the first 500 training images (statically binarised);
 train − held-out shows overfitting. On the first {o['test_images']:,} statically binarised test images:
@@ -941,7 +942,7 @@ IWAE*: k = {o['test_samples']:,}, own guide; *IWAE − AIS*: the guide's gap (AI
 (4T) minus the VAE's with the same settings, ± its standard error over the images (paired). Log-likelihoods in
 nats per image (higher is better).
 
-{table(["method", "images", "it. to best", "min to best", "stopped", "held-out", "train", "AIS, T", "AIS, 4T",
+{table(["method", "seed", "images", "it. to best", "min to best", "stopped", "held-out", "train", "AIS, T", "AIS, 4T",
         "test IWAE", "IWAE − AIS", "− VAE (AIS)"], rows)}
 
 From T to 4T the AIS estimates rose by {min(rises):.2f} to {max(rises):.2f} nats. Target (LPC ≥ the VAE + 1 nat
