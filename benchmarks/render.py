@@ -231,7 +231,8 @@ pair saw the same machine); pair C is compared with pair A's VAE.
         f"test NLL at {EQUAL_ITERATIONS:,} iterations", "command"], rows)}
 
 Pairs A–D were measured on 2026-11-26, pairs E–H (issue 17) on 2026-12-02, when the idle machine ran
-the VAE at 9.9 ms per iteration against 6.7–7.7 then: compare within a pair, not across dates. With the
+the VAE at 8.6–9.9 ms per iteration (15.3 in pair E, which shared the machine with other jobs) against
+6.7–7.7 then: compare within a pair, not across dates. With the
 adaptive schedule and a compiled step, LPC is ahead of the VAE at equal wall-clock with two seeds and
 at 30 minutes, by under a nat; the schedule spends almost no Langevin steps (mean K about 0.25, see
 "Per second" below). With Langevin steps every iteration (K = 5 in pair C, K = 3 in pairs E–H), LPC
