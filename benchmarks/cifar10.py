@@ -1,13 +1,14 @@
 """LPC (Jeffreys) against the VAE on CIFAR-10 at equal wall-clock, side by side: sample quality.
 
     python benchmarks/cifar10.py                    # 30 minutes per method, the page's record
+    python benchmarks/cifar10.py --lpc k5-adapted --out benchmarks/results/cifar10_k5_adapted.json   # K = 5, η adapted
     python benchmarks/cifar10.py --budget small     # 90 s per method
     python benchmarks/cifar10.py --budget smoke --out /tmp/cifar10.json --images-dir /tmp   # runs, in a minute
 
 The β-VAE-style conv model (:func:`pyro_lpc.images.models.conv_model`, 64 latent dimensions),
 discretised Gaussian likelihood (σ = 0.1), pixels in [-1, 1], batch 100, all 50,000 training
-images; LPC with ``fit``'s defaults and the Jeffreys warm start, the VAE through ``fit_svi``,
-each for ``--seconds`` of training (default: the budget's) with its family's learning rate
+images; LPC with the Jeffreys warm start and ``fit``'s defaults (or ``--lpc``'s setting), the VAE
+through ``fit_svi``, each for ``--seconds`` of training (default: the budget's) with its family's learning rate
 (``--lr-lpc`` / ``--lr-vae``; by default the ones ``benchmarks/mnist.py`` chose, read from
 ``benchmarks/results/mnist.json``).
 
@@ -22,7 +23,8 @@ then scores every snapshot: Fréchet distance, density, coverage, precision and 
 ``quality_images`` samples against as many pixel-exact test images, in the feature space of
 a LeNet trained on the training images and labels (not Inception features: not FIDs).
 
-Writes ``benchmarks/results/cifar10.json`` and ``cifar10_samples.png`` in ``--images-dir``.
+Writes ``benchmarks/results/cifar10.json`` (``--out``) and ``cifar10_samples.png`` in ``--images-dir``
+(``cifar10_<lpc>_samples.png`` for another ``--lpc`` setting).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from typing import Tuple
 
 import torch
 
-from common import (IMAGES, TimedStream, default_data_root, fit_settings, loadavg, log, plot_sample_grids,
+from common import (IMAGES, Method, TimedStream, default_data_root, fit_settings, loadavg, log, plot_sample_grids,
                     results_path, samples, stack, strip_states, timed, train, write_results)
 from mnist import LPC, VAE
 from pyro_lpc.images.data import load_dataset
@@ -63,8 +65,33 @@ BUDGETS = {
     "small": Budget(cifar_seconds=90, quality_images=1000, feature_epochs=5, train_images=50000),
     "30min": Budget(cifar_seconds=1800, quality_images=1000, feature_epochs=5, train_images=50000),
 }
-METHODS = {"lpc": LPC, "vae": VAE}  # --train-only's names
+#: The LPC setting trained against the VAE (``--lpc``): ``fit``'s defaults, or chains every iteration
+#: (K = 5) with η adapted to a MALA acceptance rate of 0.57, as in ``per_second.py``.
+LPC_SETTINGS = {
+    "defaults": LPC,
+    "k5-adapted": Method("LPC K=5, η adapted", "lpc", {"warm_start": "jeffreys", "num_steps": 5,
+                                                       "target_accept_prob": 0.57}),
+}
 THREADS_PER_RUN = 1
+
+
+def learning_rates() -> dict:
+    """``{"lpc": lr, "svi": lr}``: the families' learning rates chosen by ``benchmarks/mnist.py``."""
+    mnist = Path(results_path("mnist"))
+    if not mnist.exists():
+        raise FileNotFoundError(f"{mnist} (written by benchmarks/mnist.py) is missing")
+    chosen = json.loads(mnist.read_text())["best_lr"]
+    return {"lpc": chosen["lpc"], "svi": chosen["svi"]}
+
+
+def methods(lpc: str) -> dict:
+    """``{"lpc": LPC_SETTINGS[lpc], "vae": VAE}``, by ``--train-only``'s names."""
+    return {"lpc": LPC_SETTINGS[lpc], "vae": VAE}
+
+
+def samples_image(lpc: str) -> str:
+    """The file name of the sample grids (the defaults' keeps the page's first name)."""
+    return "cifar10_samples.png" if lpc == "defaults" else f"cifar10_{lpc}_samples.png"
 
 
 def new_model(seed: int):
@@ -78,7 +105,7 @@ def train_only(args, budget: Budget) -> None:
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
     torch.set_num_threads(THREADS_PER_RUN)
-    method = METHODS[args.train_only]
+    method = methods(args.lpc)[args.train_only]
     images = torch.load(args.images, weights_only=True)
     dlgm = new_model(args.seed)
     stream = TimedStream(images, dlgm, seconds=budget.cifar_seconds, seed=args.seed,
@@ -92,7 +119,7 @@ def train_only(args, budget: Budget) -> None:
 def child_command(args, budget: Budget, key: str, folder: Path, core) -> list:
     command = [sys.executable, os.path.abspath(__file__), "--budget", args.budget,
                "--seconds", repr(budget.cifar_seconds),
-               "--lr-lpc", repr(args.lr_lpc), "--lr-vae", repr(args.lr_vae), "--seed", str(args.seed),
+               "--lr-lpc", repr(args.lr_lpc), "--lr-vae", repr(args.lr_vae), "--seed", str(args.seed), "--lpc", args.lpc,
                "--train-only", key, "--images", str(folder / "images.pt"), "--state-out", str(folder / f"{key}.pt")]
     return command + (["--core", str(core)] if core is not None else [])
 
@@ -101,11 +128,12 @@ def train_side_by_side(args, budget: Budget, images: torch.Tensor, folder: Path)
     """Train every method on ``images`` in its own child process, all at the same time; ``{key: saved run}``."""
     torch.save(images, folder / "images.pt")
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    cores = available[: len(METHODS)] if len(available) >= len(METHODS) else [None] * len(METHODS)
+    keys = list(methods(args.lpc))
+    cores = available[: len(keys)] if len(available) >= len(keys) else [None] * len(keys)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS_PER_RUN), MKL_NUM_THREADS=str(THREADS_PER_RUN))
     children = {}
     try:
-        for key, core in zip(METHODS, cores):
+        for key, core in zip(keys, cores):
             command = child_command(args, budget, key, folder, core)
             children[key] = subprocess.Popen(command, env=env)
         status = {key: child.wait() for key, child in children.items()}
@@ -117,7 +145,7 @@ def train_side_by_side(args, budget: Budget, images: torch.Tensor, folder: Path)
     failed = {key: rc for key, rc in status.items() if rc}
     if failed:
         raise RuntimeError(f"training processes failed (exit status by method): {failed}")
-    return {key: torch.load(folder / f"{key}.pt", weights_only=True) for key in METHODS}
+    return {key: torch.load(folder / f"{key}.pt", weights_only=True) for key in keys}
 
 
 def score(saved: dict, test: torch.Tensor, extractor, seed: int) -> Tuple[dict, torch.Tensor]:
@@ -143,20 +171,20 @@ def experiment(args, budget: Budget, images_dir: Path) -> dict:
     out = {"feature_accuracy": extractor.accuracy(test, test_labels), "feature_seconds": feature_seconds,
            "num_test": len(test)}
     out["load_before"] = loadavg()
-    log(f"CIFAR-10: {', '.join(m.label for m in METHODS.values())} side by side, {budget.cifar_seconds:g} s each, "
+    log(f"CIFAR-10: {', '.join(m.label for m in methods(args.lpc).values())} side by side, {budget.cifar_seconds:g} s each, "
         f"{out['load_before']}")
     with tempfile.TemporaryDirectory(prefix="pyro-lpc-cifar10-") as folder:
         saved = train_side_by_side(args, budget, images, Path(folder))
     out["load_after"] = loadavg()
     begin = time.perf_counter()
     grids, out["runs"] = {"real test images": test[:64]}, []
-    for key, method in METHODS.items():
+    for key, method in methods(args.lpc).items():
         run, fake = score(saved[key], test, extractor, args.seed)
         out["runs"].append(run)
         grids[method.label] = fake[:64]
     out["reference_quality"] = sample_quality(test, images[: len(test)], extractor)  # the scores' ceiling
     out["evaluation_seconds"] = time.perf_counter() - begin
-    plot_sample_grids(grids, images_dir / "cifar10_samples.png", nrow=8)
+    plot_sample_grids(grids, images_dir / samples_image(args.lpc), nrow=8)
     return out
 
 
@@ -175,7 +203,9 @@ def main():
     parser.add_argument("--images-dir", default=str(IMAGES))
     parser.add_argument("--note", help="free text stored with the results (shown on the page)")
     # the child processes' options (set by train_side_by_side)
-    parser.add_argument("--train-only", choices=list(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--lpc", choices=list(LPC_SETTINGS), default="defaults",
+                        help="the LPC setting: fit's defaults, or K = 5 with η adapted (default: defaults)")
+    parser.add_argument("--train-only", choices=["lpc", "vae"], help=argparse.SUPPRESS)
     parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--state-out", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
@@ -191,10 +221,10 @@ def main():
         train_only(args, budget)
         return
     if None in (args.lr_lpc, args.lr_vae):
-        mnist = Path(results_path("mnist"))
-        if not mnist.exists():
-            parser.error(f"--lr-lpc and --lr-vae are needed: {mnist} (written by benchmarks/mnist.py) is missing")
-        chosen = json.loads(mnist.read_text())["best_lr"]
+        try:
+            chosen = learning_rates()
+        except FileNotFoundError as error:
+            parser.error(f"--lr-lpc and --lr-vae are needed: {error}")
         args.lr_lpc = chosen["lpc"] if args.lr_lpc is None else args.lr_lpc
         args.lr_vae = chosen["svi"] if args.lr_vae is None else args.lr_vae
     torch.set_num_threads(args.threads)
@@ -206,6 +236,8 @@ def main():
     write_results(args.out, {"budget_name": args.budget, "budget": dataclasses.asdict(budget), "seed": args.seed,
                              "side_by_side": True, "threads_per_run": THREADS_PER_RUN,
                              "evaluation_threads": args.threads, "lpc_settings": fit_settings(),
+                             "lpc": args.lpc, "lpc_options": LPC_SETTINGS[args.lpc].options,
+                             "samples_image": samples_image(args.lpc),
                              "total_seconds": time.perf_counter() - start, **cifar}, args.note)
 
 

@@ -58,3 +58,23 @@ def test_the_side_by_side_record_shows_every_snapshot_and_the_first_record_goes_
     assert "Superseded by the 30-minute side-by-side run (issue 17)." in first
     assert "90 s of training each, one method after the other with 2 torch threads" in first
     assert "| LPC (Jeffreys) | 0.003 | 40 | 90.2 | 2255.1 | **69.94** |" in first
+
+
+def test_another_lpc_setting_gets_its_own_tables_under_the_defaults(results):
+    record = json.loads((results / "cifar10.json").read_text())
+    record |= {"command": "python benchmarks/cifar10.py --lpc k5-adapted", "lpc": "k5-adapted",
+               "lpc_options": {"warm_start": "jeffreys", "num_steps": 5, "target_accept_prob": 0.57},
+               "samples_image": "cifar10_k5-adapted_samples.png"}
+    record["runs"][0] = _run("LPC K=5, η adapted", 0.003, 4321, (50.5, 35.25, 27.5), 0)
+    (results / "cifar10_k5_adapted.json").write_text(json.dumps(record))
+    page = render.render(results)  # raises if the record is shown by no section
+    studies = page.split("## Changelog")[0]
+    section = studies[studies.index("### CIFAR-10: sample"):]
+    section = section[: section.index("\n### ")]
+    variant = section[section.index("#### Another LPC setting"):]
+    assert variant.startswith("#### Another LPC setting: `warm_start='jeffreys'`, `num_steps=5`, "
+                              "`target_accept_prob=0.57`")
+    assert "`python benchmarks/cifar10.py --lpc k5-adapted`" in variant
+    assert "| LPC K=5, η adapted | 1,800 s | 4,321 | 27.50 |" in variant
+    assert "(img/cifar10_k5-adapted_samples.png)" in variant
+    assert "| LPC (Jeffreys) | 300 s | 411 | 61.50 |" in section.split("#### Another")[0]
