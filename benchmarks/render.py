@@ -563,7 +563,7 @@ def cifar10_variant(rec: dict) -> str:
 #### Another LPC setting: {options}
 
 {source(rec)}.{inline_notes(rec)} The protocol above, {minutes(rec['budget']['cifar_seconds'])} each side by side
-(load {rec['load_before']} before, {rec['load_after']} after), with this LPC setting and the rest of `fit`'s defaults.
+({rec['load_before']} before, {rec['load_after']} after), with this LPC setting and the rest of `fit`'s defaults.
 
 {cifar10_runs(rec)}
 
