@@ -47,7 +47,7 @@ from common import (IMAGES, Method, TimedStream, default_data_root, fit_settings
                     results_path, samples, stack, strip_states, timed, train, write_results)
 from mnist import LPC, VAE
 from pyro_lpc.images.data import load_dataset
-from pyro_lpc.images.models import conv_model
+from pyro_lpc.images.models import DiscretizedGaussian, conv_model
 from pyro_lpc.images.sample_quality import sample_quality, train_feature_extractor
 
 
@@ -89,14 +89,21 @@ def methods(lpc: str) -> dict:
     return {"lpc": LPC_SETTINGS[lpc], "vae": VAE}
 
 
-def samples_image(lpc: str) -> str:
+def samples_image(lpc: str, learn_scale: bool = False) -> str:
     """The file name of the sample grids (the defaults' keeps the page's first name)."""
-    return "cifar10_samples.png" if lpc == "defaults" else f"cifar10_{lpc}_samples.png"
+    suffix = "_learned_sigma" if learn_scale else ""
+    return "cifar10_samples.png" if (lpc, suffix) == ("defaults", "") else f"cifar10_{lpc}{suffix}_samples.png"
 
 
-def new_model(seed: int):
+#: With ``--learn-scale``: the likelihood's σ is learned (as θ), starting here instead of the fixed 0.1.
+LEARNED_SCALE_INIT = 1.0
+
+
+def new_model(seed: int, learn_scale: bool = False):
     torch.manual_seed(seed)  # the same initial weights for every method
-    return conv_model(image_size=32, channels=3, latent_dim=64, likelihood="discretized")
+    likelihood = DiscretizedGaussian(scale=LEARNED_SCALE_INIT, learn_scale=True, event_dim=3,
+                                     name="dlgm.likelihood") if learn_scale else "discretized"
+    return conv_model(image_size=32, channels=3, latent_dim=64, likelihood=likelihood)
 
 
 def train_only(args, budget: Budget) -> None:
@@ -107,7 +114,7 @@ def train_only(args, budget: Budget) -> None:
     torch.set_num_threads(THREADS_PER_RUN)
     method = methods(args.lpc)[args.train_only]
     images = torch.load(args.images, weights_only=True)
-    dlgm = new_model(args.seed)
+    dlgm = new_model(args.seed, args.learn_scale)
     stream = TimedStream(images, dlgm, seconds=budget.cifar_seconds, seed=args.seed,
                          fractions=budget.snapshot_fractions)
     run = train(method, dlgm, stream, args.lr_lpc if method.family == "lpc" else args.lr_vae, args.seed)
@@ -120,6 +127,7 @@ def child_command(args, budget: Budget, key: str, folder: Path, core) -> list:
     command = [sys.executable, os.path.abspath(__file__), "--budget", args.budget,
                "--seconds", repr(budget.cifar_seconds),
                "--lr-lpc", repr(args.lr_lpc), "--lr-vae", repr(args.lr_vae), "--seed", str(args.seed), "--lpc", args.lpc,
+               *(["--learn-scale"] if args.learn_scale else []),
                "--train-only", key, "--images", str(folder / "images.pt"), "--state-out", str(folder / f"{key}.pt")]
     return command + (["--core", str(core)] if core is not None else [])
 
@@ -148,9 +156,9 @@ def train_side_by_side(args, budget: Budget, images: torch.Tensor, folder: Path)
     return {key: torch.load(folder / f"{key}.pt", weights_only=True) for key in keys}
 
 
-def score(saved: dict, test: torch.Tensor, extractor, seed: int) -> Tuple[dict, torch.Tensor]:
+def score(saved: dict, test: torch.Tensor, extractor, seed: int, learn_scale: bool) -> Tuple[dict, torch.Tensor]:
     """The run record with every snapshot's sample quality, and the final samples."""
-    run, dlgm = saved["run"], new_model(seed)
+    run, dlgm = saved["run"], new_model(seed, learn_scale)
     for snap, state in zip(run["snapshots"], saved["states"]):
         fake = samples(dlgm, state, len(test))
         snap["quality"] = sample_quality(test, fake, extractor)
@@ -179,12 +187,12 @@ def experiment(args, budget: Budget, images_dir: Path) -> dict:
     begin = time.perf_counter()
     grids, out["runs"] = {"real test images": test[:64]}, []
     for key, method in methods(args.lpc).items():
-        run, fake = score(saved[key], test, extractor, args.seed)
+        run, fake = score(saved[key], test, extractor, args.seed, args.learn_scale)
         out["runs"].append(run)
         grids[method.label] = fake[:64]
     out["reference_quality"] = sample_quality(test, images[: len(test)], extractor)  # the scores' ceiling
     out["evaluation_seconds"] = time.perf_counter() - begin
-    plot_sample_grids(grids, images_dir / samples_image(args.lpc), nrow=8)
+    plot_sample_grids(grids, images_dir / samples_image(args.lpc, args.learn_scale), nrow=8)
     return out
 
 
@@ -205,6 +213,8 @@ def main():
     # the child processes' options (set by train_side_by_side)
     parser.add_argument("--lpc", choices=list(LPC_SETTINGS), default="defaults",
                         help="the LPC setting: fit's defaults, or K = 5 with η adapted (default: defaults)")
+    parser.add_argument("--learn-scale", action="store_true",
+                        help=f"both methods learn the likelihood's σ, from {LEARNED_SCALE_INIT:g} (default: σ = 0.1 fixed)")
     parser.add_argument("--train-only", choices=["lpc", "vae"], help=argparse.SUPPRESS)
     parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--state-out", help=argparse.SUPPRESS)
@@ -237,7 +247,8 @@ def main():
                              "side_by_side": True, "threads_per_run": THREADS_PER_RUN,
                              "evaluation_threads": args.threads, "lpc_settings": fit_settings(),
                              "lpc": args.lpc, "lpc_options": LPC_SETTINGS[args.lpc].options,
-                             "samples_image": samples_image(args.lpc),
+                             "samples_image": samples_image(args.lpc, args.learn_scale),
+                             "learned_scale_init": LEARNED_SCALE_INIT if args.learn_scale else None,
                              "total_seconds": time.perf_counter() - start, **cifar}, args.note)
 
 

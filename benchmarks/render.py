@@ -538,7 +538,7 @@ at or after each).
 
 
 #: Records of ``cifar10.py --lpc SETTING`` shown under the defaults' record.
-CIFAR10_VARIANTS = ("cifar10_k5_adapted",)
+CIFAR10_VARIANTS = ("cifar10_k5_adapted", "cifar10_k5_adapted_learned_sigma")
 
 
 def cifar10_runs(rec: dict) -> str:
@@ -559,8 +559,11 @@ def cifar10_snapshots(rec: dict) -> str:
 def cifar10_variant(rec: dict) -> str:
     """A ``cifar10.py --lpc`` record: another LPC setting against its own VAE, the same protocol."""
     options = ", ".join(f"`{k}={v!r}`" for k, v in rec["lpc_options"].items())
+    scale = rec.get("learned_scale_init")
+    likelihood = "" if scale is None else (f"; both methods learn the likelihood's σ (from {scale:g}, "
+                                            "instead of σ = 0.1 fixed)")
     return f"""
-#### Another LPC setting: {options}
+#### Another LPC setting: {options}{likelihood}
 
 {source(rec)}.{inline_notes(rec)} The protocol above, {minutes(rec['budget']['cifar_seconds'])} each side by side
 ({rec['load_before']} before, {rec['load_after']} after), with this LPC setting and the rest of `fit`'s defaults.

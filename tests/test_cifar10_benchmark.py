@@ -2,6 +2,7 @@
 first (sequential, 90-second) record moved to the changelog."""
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -78,3 +79,29 @@ def test_another_lpc_setting_gets_its_own_tables_under_the_defaults(results):
     assert "| LPC K=5, η adapted | 1,800 s | 4,321 | 27.50 |" in variant
     assert "(img/cifar10_k5-adapted_samples.png)" in variant
     assert "| LPC (Jeffreys) | 300 s | 411 | 61.50 |" in section.split("#### Another")[0]
+
+
+def test_a_learned_likelihood_scale_is_named_in_the_variant_heading(results):
+    record = json.loads((results / "cifar10.json").read_text())
+    record |= {"lpc": "k5-adapted", "lpc_options": {"num_steps": 5}, "learned_scale_init": 1.0,
+               "samples_image": "cifar10_k5-adapted_learned_sigma_samples.png"}
+    (results / "cifar10_k5_adapted_learned_sigma.json").write_text(json.dumps(record))
+    page = render.render(results)
+    assert ("#### Another LPC setting: `num_steps=5`; both methods learn the likelihood's σ (from 1, instead of "
+            "σ = 0.1 fixed)") in page
+    assert "(img/cifar10_k5-adapted_learned_sigma_samples.png)" in page
+
+
+def test_the_learned_scale_model_starts_at_its_initial_sigma_and_the_default_keeps_sigma_fixed():
+    import pyro
+    import torch
+    sys.path.insert(0, str(render.REPO / "benchmarks"))
+    from cifar10 import LEARNED_SCALE_INIT, new_model, samples_image
+    x = torch.zeros(2, 3, 32, 32)
+    new_model(0, learn_scale=True).model(x)
+    assert torch.allclose(pyro.param("dlgm.likelihood.log_scale").exp(), torch.tensor(LEARNED_SCALE_INIT))
+    pyro.clear_param_store()
+    new_model(0).model(x)
+    assert "dlgm.likelihood.log_scale" not in pyro.get_param_store()
+    assert samples_image("defaults") == "cifar10_samples.png"
+    assert samples_image("k5-adapted", True) == "cifar10_k5-adapted_learned_sigma_samples.png"
