@@ -2,6 +2,8 @@
 
     python benchmarks/cifar10.py                    # 30 minutes per method, the page's record
     python benchmarks/cifar10.py --lpc k5-adapted --out benchmarks/results/cifar10_k5_adapted.json   # K = 5, η adapted
+    python benchmarks/cifar10.py --lpc k5-adapted --learn-scale --seconds 900 \
+        --out benchmarks/results/cifar10_k5_adapted_learned_sigma.json       # both learn σ, 15 minutes each
     python benchmarks/cifar10.py --budget small     # 90 s per method
     python benchmarks/cifar10.py --budget smoke --out /tmp/cifar10.json --images-dir /tmp   # runs, in a minute
 
