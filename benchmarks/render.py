@@ -1120,8 +1120,9 @@ def render(folder: Path = RESULTS) -> str:
 Every figure on this page comes from a results record in `benchmarks/results/`, written by the program
 that measured it (each `benchmarks/*.py` prints its figures and writes one; the command, date and
 machine are given with each result). The page is rebuilt with `python benchmarks/render.py`; a test
-checks that it matches the records. CPU figures: a 2-core AMD EPYC machine with torch 2.14.1 and pyro
-1.9.2; GPU figures: one NVIDIA H200. Figures that later measurements replaced are in the
+checks that it matches the records. CPU figures: 2-core machines (an AMD EPYC; some records of
+2026-12-02 an Intel Xeon, as each record's machine says) with torch 2.14.1 and pyro 1.9.2; GPU figures:
+one NVIDIA H200. Figures that later measurements replaced are in the
 [Changelog](#changelog) at the end, with their dates.
 
 {headline(records)}
