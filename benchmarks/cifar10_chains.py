@@ -9,8 +9,8 @@ each setting on the same mini-batch stream (the first ``--train-images`` trainin
 ``--every`` iterations, on a fixed probe batch (the first 100 training images), it records
 
 * the chains' energy drop ``U(z_0) − U(z_K)`` and its second half ``U(z_{K/2}) − U(z_K)``, nats
-  per data point (near equilibrium both are O(d) = O(64); much more: the chains are still
-  descending, they optimise rather than sample);
+  per data point (at equilibrium the late drop is near zero and the drop at most O(d) = O(64);
+  much more: the chains are still descending, they optimise rather than sample);
 * the noise per step ``sqrt(2ηP)`` (root mean square over coordinates) against the guide's
   σ (mean over images and coordinates), and the chains' spread over their second half;
 * the aggregate posterior's second moment ``mean z_K²`` (for the VAE: of the guide,
@@ -89,7 +89,7 @@ def diagnose(name: str, images: torch.Tensor, *, iterations: int, every: int, ba
         if family == "lpc":
             log_joint = learner.step(batch)["log_joint"]
         else:
-            log_joint = -learner.step(batch) / batch_size  # the negative ELBO per data point
+            log_joint = -learner.step(batch) / batch_size  # the ELBO per data point
         if it % every == 0 or it == iterations - 1:
             figures = (lpc_figures(learner, dlgm, probe, figures_rng) if family == "lpc"
                        else vae_figures(dlgm, probe, figures_rng))
