@@ -175,7 +175,8 @@ class Clock:
 
 
 class TimedStream:
-    """Shuffled mini-batches ``(x,)`` of ``images`` for ``seconds`` of wall-clock time.
+    """Shuffled mini-batches ``(x,)`` of ``images`` for ``seconds`` of wall-clock time, or until
+    ``max_iterations`` batches have been served if that comes first.
 
     The clock starts at the first batch. When the trainer asks for a batch (that is, after
     its previous update) the stream snapshots ``module``'s parameters if the number of
@@ -188,8 +189,11 @@ class TimedStream:
     """
 
     def __init__(self, images, module, *, seconds, seed=0, binarize=False, iterations=(), fractions=(1.0,),
-                 device="cpu", indexed=False):
+                 device="cpu", indexed=False, max_iterations=None):
+        if max_iterations is not None and max_iterations < 1:
+            raise ValueError(f"max_iterations must be a positive number of batches, got {max_iterations}")
         self.images, self.module, self.seconds, self.device = images, module, float(seconds), device
+        self.max_iterations = max_iterations
         self.indexed = indexed
         self.seed, self.binarize = seed, binarize
         self.iterations, self.fractions = sorted(iterations), sorted(fractions)
@@ -210,7 +214,7 @@ class TimedStream:
         self.snapshots, self.served, self.clock = [], 0, Clock()
         while True:
             elapsed = self.clock.elapsed()
-            finished = elapsed >= self.seconds
+            finished = elapsed >= self.seconds or self.served == self.max_iterations
             if (finished or (due_iterations and self.served >= due_iterations[0])
                     or (due_times and elapsed >= due_times[0])):
                 self.snapshot()
@@ -281,13 +285,16 @@ def strip_states(run: dict) -> dict:
 
 
 def run_mnist_method(method: Method, lr: float, data: dict, *, seconds: float, snapshot_iterations=(),
-                     snapshot_fractions=(1.0,), eval_samples: int, seed: int, device="cpu", indexed=False) -> dict:
-    """Train ``method`` on ``data`` (from :func:`mnist_data`) for ``seconds``; every snapshot gets its
+                     snapshot_fractions=(1.0,), eval_samples: int, seed: int, device="cpu", indexed=False,
+                     max_iterations=None) -> dict:
+    """Train ``method`` on ``data`` (from :func:`mnist_data`) for ``seconds`` (or ``max_iterations``
+    iterations, whichever ends first); every snapshot gets its
     test log-likelihood (``test_ll``) and the seconds that evaluation took (``eval_seconds``). The
     trained model stays in the record as ``dlgm``."""
     dlgm = mnist_model(seed, device)
     stream = TimedStream(data["train"], dlgm, seconds=seconds, seed=seed, binarize=True,
-                         iterations=snapshot_iterations, fractions=snapshot_fractions, device=device, indexed=indexed)
+                         iterations=snapshot_iterations, fractions=snapshot_fractions, device=device, indexed=indexed,
+                         max_iterations=max_iterations)
     run = train(method, dlgm, stream, lr, seed)
     test = data["test"].to(device)
     for snap in run["snapshots"]:

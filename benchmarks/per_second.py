@@ -21,6 +21,7 @@ below it); and where an LPC iteration spends its time (cProfile, by phase).
     python benchmarks/per_second.py --seconds 60 --eval-samples 200 --test-images 500   # a quick look
     python benchmarks/per_second.py --device cuda ...        # model, batches and evaluation on a GPU
     python benchmarks/per_second.py --persistent-chains ...  # the LPC variants with persistent chains
+    python benchmarks/per_second.py --seconds 1e9 --max-iterations 200000 ...   # per iteration, time unlimited
     python benchmarks/per_second.py --seconds 3 --methods VAE "LPC K=0 (guide draws)" --eval-samples 5 \
         --test-images 20 --iterations 10 --out /tmp/per_second.json   # runs, in a minute
 
@@ -125,6 +126,9 @@ def main():
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--iterations", type=int, nargs="+", default=[1000, 2000, 4000, 8000, 16000, 32000])
+    parser.add_argument("--max-iterations", type=int, default=None,
+                        help="stop each run after this many iterations even if time is left (per-iteration "
+                             "comparisons: with a large --seconds, every method gets the same iterations)")
     parser.add_argument("--match-iteration", type=int, default=16000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cuda: model, batches and evaluation on the GPU")
@@ -155,7 +159,8 @@ def main():
         run = run_mnist_method(method, lr, data, seconds=options.seconds, snapshot_iterations=options.iterations,
                                snapshot_fractions=(1 / 6, 0.5, 1.0), eval_samples=options.eval_samples,
                                seed=options.seed, device=options.device,
-                               indexed=method.options.get("persistent_chains", False))
+                               indexed=method.options.get("persistent_chains", False),
+                               max_iterations=options.max_iterations)
         run.pop("dlgm")
         history = run.pop("history")
         steps = [row.get("num_steps", 0) for row in history]
