@@ -86,9 +86,13 @@ def learning_rates() -> dict:
     return {"lpc": chosen["lpc"], "svi": chosen["svi"]}
 
 
+#: The trained methods' names (``--train-only``'s choices), in :func:`methods`'s order.
+TRAINED = ("lpc", "vae")
+
+
 def methods(lpc: str) -> dict:
     """``{"lpc": LPC_SETTINGS[lpc], "vae": VAE}``, by ``--train-only``'s names."""
-    return {"lpc": LPC_SETTINGS[lpc], "vae": VAE}
+    return dict(zip(TRAINED, (LPC_SETTINGS[lpc], VAE)))
 
 
 def samples_image(lpc: str, learn_scale: bool = False) -> str:
@@ -217,7 +221,7 @@ def main():
                         help="the LPC setting: fit's defaults, or K = 5 with η adapted (default: defaults)")
     parser.add_argument("--learn-scale", action="store_true",
                         help=f"both methods learn the likelihood's σ, from {LEARNED_SCALE_INIT:g} (default: σ = 0.1 fixed)")
-    parser.add_argument("--train-only", choices=["lpc", "vae"], help=argparse.SUPPRESS)
+    parser.add_argument("--train-only", choices=TRAINED, help=argparse.SUPPRESS)
     parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--state-out", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
