@@ -310,7 +310,8 @@ the VAE at 8.6–9.9 ms per iteration (15.3 in pair E, which shared the machine 
 adaptive schedule and a compiled step, LPC is ahead of the VAE at equal wall-clock with two seeds at
 6 and at 30 minutes (pairs A, B, D, I), by under a nat; the schedule spends almost no Langevin steps (mean K about 0.25, see
 "Per second" below). With Langevin steps every iteration (K = 5 in pair C, K = 3 in pairs E–H), LPC
-is ahead at equal iterations and behind at equal wall-clock.
+is behind at equal wall-clock; at equal iterations it is ahead early in training and behind late (the
+table "Per iteration without a time limit" below).
 {target}"""
 
 
