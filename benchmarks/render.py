@@ -123,6 +123,10 @@ PAIRS = [
     ("H", ["per_second_30min_1thread_k3pair_seed1_vae", "per_second_30min_1thread_k3pair_seed1_k3"]),
     # issue 17 item 2: the adaptive schedule's second seed at 30 minutes, on another machine
     ("I", ["per_second_30min_1thread_seed1_vae", "per_second_30min_1thread_seed1_auto"]),
+    # issue 17 item 2: persistent chains (K = 3 every iteration) against the VAE, on the same machine as pair I
+    ("J", ["per_second_30min_1thread_persistentpair_seed0_vae", "per_second_30min_1thread_persistentpair_seed0_lpc"]),
+    ("K", ["per_second_6min_1thread_persistentpair_seed1_vae", "per_second_6min_1thread_persistentpair_seed1_lpc"]),
+    ("L", ["per_second_6min_1thread_persistentpair_seed0_vae", "per_second_6min_1thread_persistentpair_seed0_lpc"]),
 ]
 #: Issue 17's target: an LPC setting whose chains run (mean K ≥ 3) this many nats ahead of the VAE
 #: at equal wall-clock, in every pair (both budgets, both seeds).
@@ -134,6 +138,7 @@ METHOD_NAMES = {
     "LPC auto, tolerance 3, compiled": "LPC `num_steps=AdaptiveSteps(tolerance=3)`, `jit_compile=True, jit_options={}`",
     "LPC K=5, keep last, η adapted, compiled": "LPC K = 5, `keep=\"last\"`, `target_accept_prob=0.57`, `jit_compile=True, jit_options={}`",
     "LPC K=3, keep last, η adapted, compiled": "LPC K = 3, `keep=\"last\"`, `target_accept_prob=0.57`, `jit_compile=True, jit_options={}`",
+    "LPC K=3, keep last, η adapted, compiled, persistent chains": "LPC K = 3, `keep=\"last\"`, `target_accept_prob=0.57`, `jit_compile=True, jit_options={}`, `persistent_chains=True`",
 }
 
 
@@ -236,6 +241,12 @@ def unlimited_table(records: Records) -> str:
             + "\n\nCommands: " + "; ".join(commands) + ".\n\n")
 
 
+def span(values: List[float]) -> str:
+    """``"low–high"`` to one decimal, or one value when they agree to it."""
+    low, high = f"{min(values):.1f}", f"{max(values):.1f}"
+    return low if low == high else f"{low}–{high}"
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:g} min"
 
@@ -287,9 +298,14 @@ def headline(records: Records) -> str:
     vaes = [(pair, record, run) for pair, record, run in runs_of(records, present(records, PAIRS))
             if run["label"] == "VAE"]
     cpu = lambda record: record["machine"].split(";")[0]  # noqa: E731
-    elsewhere = "".join(f" Pair {pair} ran on {record['date']} on another 2-core machine ({cpu(record)}), where "
-                        f"the VAE took {run['ms_per_iteration']:.1f} ms per iteration."
-                        for pair, record, run in vaes if cpu(record) != cpu(vaes[0][1]))
+    others = {}  # pairs run on another machine than the first pair's, by machine
+    for pair, record, run in vaes:
+        if cpu(record) != cpu(vaes[0][1]):
+            others.setdefault((cpu(record), record["date"]), []).append((pair, run["ms_per_iteration"]))
+    elsewhere = "".join(
+        f" Pair{'s' if len(group) > 1 else ''} {', '.join(p for p, _ in group)} ran on {date} on another 2-core "
+        f"machine ({machine}), where the VAE took {span([ms for _, ms in group])} ms per iteration."
+        for (machine, date), group in others.items())
     return f"""## Headline: LPC against the VAE on MNIST
 
 Test NLL in nats per image (lower is better): −the IWAE bound with k = 1,000 and the method's own guide,
@@ -309,7 +325,8 @@ the VAE at 8.6–9.9 ms per iteration (15.3 in pair E, which shared the machine 
 6.7–7.7 then.{elsewhere} Compare within a pair, not across dates or machines. With the
 adaptive schedule and a compiled step, LPC is ahead of the VAE at equal wall-clock with two seeds at
 6 and at 30 minutes (pairs A, B, D, I), by under a nat; the schedule spends almost no Langevin steps (mean K about 0.25, see
-"Per second" below). With Langevin steps every iteration (K = 5 in pair C, K = 3 in pairs E–H), LPC
+"Per second" below). With Langevin steps every iteration (K = 5 in pair C, K = 3 in pairs E–H, and with persistent chains
+in pairs J–L), LPC
 is behind at equal wall-clock; at equal iterations it is ahead early in training and behind late (the
 table "Per iteration without a time limit" below).
 {target}"""
@@ -1025,6 +1042,34 @@ last tenth:
 Persistent chains did not pay in any of these runs: with unadjusted chains the start is forgotten within
 the K steps (the two curves agree per iteration), and with MALA the stored states almost always win the
 Metropolis choice (99.9 %) yet lag behind θ, and training ends worse. Commands: {commands}.
+{persistent_against_fresh(records)}"""
+
+
+def persistent_against_fresh(records: Records) -> str:
+    """The persistent-chain runs of the headline's pairs against LPC with the same setting and fresh
+    starts (the :data:`UNLIMITED` run of the same seed), per iteration."""
+    unlimited = {records.records[name]["options"]["seed"]: records.records[name]["runs"][0]
+                 for name, _ in UNLIMITED if name in records.records}
+    rows, gaps = [], []
+    for pair, record, run in runs_of(records, present(records, PAIRS)):
+        fresh = unlimited.get(record["options"]["seed"])
+        if not run["label"].endswith("persistent chains") or fresh is None:
+            continue
+        shared = [s["iteration"] for s in run["snapshots"] if snapshot_at(fresh, s["iteration"])]
+        gaps += [nll(run, i) - nll(fresh, i) for i in shared]
+        rows.append([pair, str(record["options"]["seed"]), minutes(record["options"]["seconds"]),
+                     f"{100 * run['stored_starts_last_tenth']:.1f}%",
+                     "; ".join(f"{i:,}: {nll(run, i):.2f} against {nll(fresh, i):.2f}" for i in shared)])
+    if not rows:
+        return ""
+    verdict = "trail" if min(gaps) > 0 else "lead" if max(gaps) < 0 else "are sometimes ahead of, sometimes behind"
+    return f"""
+Against the VAE at equal wall-clock, persistent chains with K = 3 every iteration (η adapted, compiled,
+lr 0.001) are pairs J–L of the headline. Per iteration they {verdict} the same setting with fresh starts
+from the guide (the runs without a time limit of "Per second", same seed and batches; test NLL, persistent
+first):
+
+{table(["pair", "seed", "budget", "stored starts, last tenth", "NLL at equal iterations: persistent against fresh starts"], rows)}
 """
 
 
