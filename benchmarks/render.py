@@ -170,8 +170,12 @@ def pair_list(pairs) -> str:
 
 
 def vae_of(records: Records, pair: str) -> dict:
-    names = dict(PAIRS)[pair]
-    return next(run for _, _, run in runs_of(records, [(pair, names)]) if run["label"] == "VAE")
+    return next(run for _, _, run in runs_of(records, [(pair, dict(PAIRS)[pair])]) if run["label"] == "VAE")
+
+
+def unlimited_records(records: Records) -> list:
+    """``(name, record, pairs)`` for the records of :data:`UNLIMITED` that exist (marked used)."""
+    return [(name, records.take(name), pairs) for name, pairs in UNLIMITED if name in records.records]
 
 
 def chains_at_no_cost(records: Records) -> list:
@@ -179,10 +183,8 @@ def chains_at_no_cost(records: Records) -> list:
     whose records exist: the unlimited LPC run's NLL at the last iteration of the pair's VAE against
     the VAE's NLL there (positive: LPC ahead)."""
     found = []
-    for name, pairs in UNLIMITED:
-        if name not in records.records:
-            continue
-        run = records.take(name)["runs"][0]
+    for name, record, pairs in unlimited_records(records):
+        run = record["runs"][0]
         for pair, names in present(records, [(p, dict(PAIRS)[p]) for p in pairs]):
             vae, seconds = vae_of(records, pair), records.records[names[0]]["options"]["seconds"]
             last = vae["iterations"]
@@ -230,11 +232,9 @@ def unlimited_table(records: Records) -> str:
     where a VAE run of :data:`PAIRS` took a snapshot (the VAE's runs of a seed agree per iteration: same
     weights and batches; only their budgets differ)."""
     rows, commands = [], []
-    for name, pairs in UNLIMITED:
-        if name not in records.records:
-            continue
-        record = records.take(name)
-        run, commands = record["runs"][0], commands + [f"`{record['command']}`"]
+    for _, record, _ in unlimited_records(records):
+        run = record["runs"][0]
+        commands.append(f"`{record['command']}`")
         vaes = [vae for _, other, vae in runs_of(records, present(records, PAIRS)) if vae["label"] == "VAE"
                 and other["options"]["seed"] == record["options"]["seed"] and vae["lr"] == run["lr"]]
         for snap in run["snapshots"]:
@@ -1059,8 +1059,7 @@ Metropolis choice (99.9 %) yet lag behind θ, and training ends worse. Commands:
 def persistent_against_fresh(records: Records) -> str:
     """The persistent-chain runs of the headline's pairs against LPC with the same setting and fresh
     starts (the :data:`UNLIMITED` run of the same seed), per iteration."""
-    unlimited = {records.records[name]["options"]["seed"]: records.records[name]["runs"][0]
-                 for name, _ in UNLIMITED if name in records.records}
+    unlimited = {record["options"]["seed"]: record["runs"][0] for _, record, _ in unlimited_records(records)}
     rows, gaps = [], []
     for pair, record, run in persistent_runs(records):
         fresh = unlimited.get(record["options"]["seed"])
